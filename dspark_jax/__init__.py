@@ -1,0 +1,1 @@
+"""dspark_jax: DSpark speculative decoding in JAX."""

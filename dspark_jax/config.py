@@ -1,0 +1,353 @@
+"""Configuration dataclasses and the `configs/*.py` loader.
+
+A config file is a Python module that defines a top-level `config` of type `Config`. Every field
+is validated on construction; `override(cfg, "a.b=value")` parses the value from the field's
+annotation, so `--set` on the command line and keyword construction in Python agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import runpy
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside its allowed range or choices."""
+
+
+def _check_value(owner: str, name: str, hint: Any, value: Any) -> None:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected one of {list(typing.get_args(hint))}")
+    elif origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return
+        for arg in typing.get_args(hint):
+            if arg is type(None):
+                continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, arg):
+                return
+            if typing.get_origin(arg) is Literal and value in typing.get_args(arg):
+                return
+            if arg in (int, float, str, bool) and isinstance(value, arg):
+                return
+        raise ConfigError(f"{owner}.{name} = {value!r}; expected {hint}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected a number")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected a string")
+    elif origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{owner}.{name} = {value!r}; expected a tuple")
+
+
+class Validated:
+    """Checks every field against its annotation, then the class's own `check()` ranges."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if typing.get_origin(hints[f.name]) is tuple and isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+                value = tuple(value)
+            _check_value(type(self).__name__, f.name, hints[f.name], value)
+        self.check()
+
+    def check(self) -> None:
+        """Range checks beyond the type; subclasses raise ConfigError naming the field."""
+
+    def _require(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{type(self).__name__}.{name} = {getattr(self, name)!r}; expected {expected}")
+
+
+# --------------------------------------------------------------------------------------------
+# Target architectures
+
+
+@dataclass(frozen=True)
+class RopeScaling(Validated):
+    """RoPE frequency scaling as in HF `rope_parameters` (llama3, linear or yarn)."""
+
+    kind: Literal["llama3", "linear", "yarn"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def check(self) -> None:
+        self._require(self.factor >= 1.0, "factor", ">= 1")
+
+
+@dataclass(frozen=True)
+class LlamaArch(Validated):
+    """Llama-family decoder: Llama 2/3, SmolLM2, Mistral-like, Qwen2 (bias) and Qwen3 (q/k norm)."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    qk_norm: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 8192
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    model_type: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+
+    def check(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            self._require(getattr(self, name) > 0, name, "> 0")
+        self._require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                      f"a divisor of num_heads={self.num_heads}")
+        self._require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
+
+
+TargetArch = LlamaArch
+
+
+@dataclass(frozen=True)
+class TargetConfig(Validated):
+    """Where the target model comes from.
+
+    `source` is an HF model folder, a .gguf file, or a named asset (see checkpoint.assets);
+    empty means random weights of `arch` (for benchmarks at real sizes without weights).
+    """
+
+    source: str = ""
+    arch: TargetArch | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.source and self.arch is None:
+            raise ConfigError("TargetConfig: set `source` (a checkpoint) or `arch` (random weights)")
+        if self.source and self.arch is not None:
+            raise ConfigError("TargetConfig: `source` and `arch` are exclusive; the checkpoint "
+                              "defines its architecture")
+
+
+# --------------------------------------------------------------------------------------------
+# Draft, speculation, serving, training
+
+
+@dataclass(frozen=True)
+class DraftConfig(Validated):
+    """The drafter. `kind="none"` decodes plainly; "ngram" needs no weights."""
+
+    kind: Literal["none", "ngram", "dspark", "dflash", "eagle3"] = "none"
+    source: str = ""  # trained draft folder (DeepSpec layout); empty = random init
+    block_size: int = 7
+    num_layers: int = 5
+    target_layer_ids: tuple[int, ...] = ()
+    mask_token_id: int = -1
+    markov_rank: int = 256
+    markov_head: Literal["vanilla", "gated", "rnn"] = "vanilla"
+    confidence_head: bool = True
+    intermediate_size: int = 0  # 0 = the target's
+    ngram_min: int = 1
+    ngram_max: int = 4
+    seed: int = 0
+
+    def check(self) -> None:
+        self._require(1 <= self.block_size <= 32, "block_size", "1..32")
+        self._require(self.num_layers >= 1, "num_layers", ">= 1")
+        self._require(self.markov_rank >= 1, "markov_rank", ">= 1")
+        self._require(1 <= self.ngram_min <= self.ngram_max, "ngram_min", f"1..ngram_max={self.ngram_max}")
+
+
+@dataclass(frozen=True)
+class SpecConfig(Validated):
+    """How many draft tokens to verify per request and round."""
+
+    scheduler: Literal["fixed", "threshold", "causal", "async"] = "fixed"
+    block_size: int = 0  # draft tokens per round; 0 = the draft's block size
+    threshold: float = 0.5
+    sps_profile: str = ""  # cached SPS table (JSON); empty = profile on first use
+
+    def check(self) -> None:
+        self._require(0 <= self.block_size <= 32, "block_size", "0..32 (0 = the draft's)")
+        self._require(0.0 <= self.threshold <= 1.0, "threshold", "0..1")
+
+
+@dataclass(frozen=True)
+class ServeConfig(Validated):
+    """Engine shapes, sampling defaults and the HTTP endpoint."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    max_batch: int = 16
+    max_context: int = 4096
+    page_size: int = 16
+    prefill_chunk: int = 512
+    chat: bool = True  # wrap --prompt in the tokenizer's chat template
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def check(self) -> None:
+        self._require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
+        self._require(self.temperature >= 0.0, "temperature", ">= 0")
+        self._require(self.top_k >= 0, "top_k", ">= 0 (0 = off)")
+        self._require(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
+        self._require(self.max_batch >= 1, "max_batch", ">= 1")
+        self._require(self.page_size >= 1 and self.page_size & (self.page_size - 1) == 0,
+                      "page_size", "a power of two")
+        self._require(self.max_context >= self.page_size, "max_context", f">= page_size={self.page_size}")
+        self._require(self.prefill_chunk >= 16, "prefill_chunk", ">= 16")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Validated):
+    """Draft training recipe (DeepSpec defaults)."""
+
+    data: tuple[str, ...] = ()
+    out_dir: str = "runs/draft"
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 2048
+    anchors_per_sequence: int = 512
+    learning_rate: float = 6e-4
+    warmup_fraction: float = 0.04
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    loss_ce: float = 0.1
+    loss_l1: float = 0.9
+    loss_conf: float = 1.0
+    position_decay: float = 4.0
+    seed: int = 0
+
+    def check(self) -> None:
+        self._require(self.steps >= 1, "steps", ">= 1")
+        self._require(self.batch_size >= 1, "batch_size", ">= 1")
+        self._require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Config(Validated):
+    target: TargetConfig
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path that exists, else a bare name looked up in ./configs and the repository's configs/."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for folder in (Path.cwd() / "configs", CONFIG_DIR):
+        candidate = folder / path.name
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.name for p in CONFIG_DIR.glob("*.py")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {str(name_or_path)!r} not found; known configs: {known}")
+
+
+def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Run a config file and return its `config`, with `a.b=value` overrides applied."""
+    path = resolve_config_path(name_or_path)
+    namespace = runpy.run_path(str(path))
+    cfg = namespace.get("config")
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path} must define a top-level `config` of type Config, got {type(cfg).__name__}")
+    for item in overrides:
+        cfg = override(cfg, item)
+    return cfg
+
+
+def _parse(text: str, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(hint)):
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return _parse(text, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: cannot parse {text!r} as {hint}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        for choice in choices:
+            if str(choice) == text:
+                return choice
+        raise ConfigError(f"{where} = {text!r}; expected one of {list(choices)}")
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        body = text.strip().strip("[]()")
+        return tuple(_parse(p.strip(), item, where) for p in body.split(",") if p.strip())
+    if hint is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where} = {text!r}; expected true or false")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            raise ConfigError(f"{where} = {text!r}; expected {'an integer' if hint is int else 'a number'}") from None
+    if hint is str:
+        return text
+    raise ConfigError(f"{where}: cannot set a field of type {hint} from the command line")
+
+
+def override(cfg: Any, assignment: str) -> Any:
+    """Return a copy of `cfg` with the dotted field in `"a.b.c=value"` replaced."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. serve.max_batch=8")
+    dotted, text = assignment.split("=", 1)
+    return _override(cfg, dotted.strip().split("."), text.strip(), dotted.strip())
+
+
+def _override(obj: Any, parts: list[str], text: str, dotted: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)]
+    head = parts[0]
+    if head not in names:
+        raise ConfigError(f"--set {dotted}: {type(obj).__name__} has no field {head!r}; fields: {names}")
+    hint = typing.get_type_hints(type(obj))[head]
+    if len(parts) == 1:
+        value = _parse(text, hint, f"{type(obj).__name__}.{head}")
+    else:
+        child = getattr(obj, head)
+        if child is None or not dataclasses.is_dataclass(child):
+            raise ConfigError(f"--set {dotted}: {type(obj).__name__}.{head} is {child!r}, not a section")
+        value = _override(child, parts[1:], text, dotted)
+    return dataclasses.replace(obj, **{head: value})

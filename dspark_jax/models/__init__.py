@@ -1,0 +1,52 @@
+"""Target model families. `create_target` builds the module for an architecture config."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.config import LlamaArch, TargetArch
+from dspark_jax.models.attention import DenseCausal
+from dspark_jax.models.common import as_dtype
+from dspark_jax.models.llama import LlamaForCausalLM
+
+
+def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
+    """A randomly initialised target (N(0, 0.02) linears, unit norms) of the given architecture."""
+    rngs = nnx.Rngs(seed)
+    if isinstance(arch, LlamaArch):
+        return LlamaForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
+    raise ValueError(f"unknown target architecture {type(arch).__name__}")
+
+
+def abstract_target(arch: TargetArch, *, dtype="bfloat16"):
+    """The target's structure with shapes only (no allocation), for loading and sizing."""
+    return nnx.eval_shape(lambda: create_target(arch, dtype=dtype))
+
+
+def forward(model, tokens, layers: tuple[int, ...] = ()):
+    """Full-sequence forward without a cache: (logits [B, S, V] fp32, {layer: hidden [B, S, H]}).
+
+    `layers` are 0-based decoder layer ids; hidden = that layer's raw residual-stream output.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"forward: tokens must be [batch, seq], got shape {tokens.shape}")
+    layers = tuple(int(i) for i in layers)
+    num_layers = model.arch.num_layers
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"forward: layers {bad} out of range; the model has layers 0..{num_layers - 1}")
+    graphdef, state = nnx.split(model)
+    return _dense_forward(graphdef, state, tokens, layers)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
+def _dense_forward(graphdef, state, tokens, layers):
+    model = nnx.merge(graphdef, state)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, captured = model(tokens, positions, DenseCausal(positions), capture=layers)
+    return model.logits(hidden), captured

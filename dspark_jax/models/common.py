@@ -1,0 +1,140 @@
+"""Building blocks shared by the target families: norms, rotary embeddings, gated MLPs."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.config import RopeScaling
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in DTYPES:
+            raise ValueError(f"dtype={name_or_dtype!r}; expected one of {list(DTYPES)}")
+        return jnp.dtype(DTYPES[name_or_dtype])
+    return jnp.dtype(name_or_dtype)
+
+
+def normal_init(stddev: float = 0.02):
+    return nnx.initializers.normal(stddev)
+
+
+def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear with kernel [in, out] in `dtype` (HF stores [out, in]; loaders transpose)."""
+    return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=normal_init(), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in fp32.
+
+    `scale_in_fp32=False` casts the normalised value back before the weight multiply (Llama,
+    Qwen); True multiplies in fp32 first (Gemma). `with_scale=False` has no weight at all.
+    """
+
+    def __init__(self, dim: int, *, eps: float, dtype, with_scale: bool = True,
+                 scale_in_fp32: bool = False):
+        self.eps = eps
+        self.scale_in_fp32 = scale_in_fp32
+        self.weight = nnx.Param(jnp.ones((dim,), dtype)) if with_scale else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.weight is None:
+            return normed.astype(dtype)
+        if self.scale_in_fp32:
+            return (normed * self.weight[...].astype(jnp.float32)).astype(dtype)
+        return self.weight[...] * normed.astype(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                  rotary_dim: int | None = None) -> jax.Array:
+    """Inverse frequencies [rotary_dim/2] in fp32, with llama3/linear/yarn scaling applied."""
+    dim = rotary_dim or head_dim
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(inv_freq, dim, theta, scaling)
+    raise ValueError(f"RopeScaling.kind={scaling.kind!r}; expected llama3, linear or yarn")
+
+
+def _yarn_inv_freq(inv_freq, dim, theta, scaling: RopeScaling):
+    # Blend interpolated and extrapolated frequencies by a linear ramp between the correction dims.
+    def correction_dim(num_rotations):
+        return (dim * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
+            2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    return inv_freq / scaling.factor * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+
+
+def yarn_attention_factor(scaling: RopeScaling | None) -> float:
+    if scaling is None or scaling.kind != "yarn" or scaling.factor <= 1:
+        return 1.0
+    return 0.1 * math.log(scaling.factor) + 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, attention_factor: float = 1.0,
+               rotary_dim: int | None = None) -> jax.Array:
+    """Half-split ("rotate_half") RoPE on the first `rotary_dim` dims of x [..., heads, head_dim].
+
+    positions has x's shape without the last two axes. Computed in fp32, returned in x's dtype.
+    """
+    head_dim = x.shape[-1]
+    rot = rotary_dim or head_dim
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., rot/2]
+    cos = (jnp.cos(freqs) * attention_factor)[..., None, :]
+    sin = (jnp.sin(freqs) * attention_factor)[..., None, :]
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool = False, dtype, rngs):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={act!r}; expected one of {list(ACTIVATIONS)}")
+        self.act = act
+        self.gate_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = linear(intermediate, hidden, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))

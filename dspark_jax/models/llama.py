@@ -1,0 +1,92 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style, Qwen2, Qwen3) as an NNX module.
+
+Module names mirror HF transformers' (`layers.N.self_attn.q_proj`, ...) so checkpoints map by rule.
+Every target family exposes the same surface, which drafts and the decode round rely on:
+`embed(tokens)`, `__call__(tokens, positions, attn, capture) -> (normed hidden, {layer: raw})`,
+`logits(hidden) -> fp32`, and `kv_heads_and_dims()` for the cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.config import LlamaArch
+from dspark_jax.models.common import GatedMLP, RMSNorm, apply_rope, linear, normal_init, rope_inv_freq
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, arch: LlamaArch, *, dtype, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        qkv_bias = arch.attention_bias
+        out_bias = arch.attention_bias and arch.model_type != "qwen2"
+        self.q_proj = linear(arch.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = linear(self.num_heads * self.head_dim, arch.hidden_size, bias=out_bias, dtype=dtype, rngs=rngs)
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=arch.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, eps=arch.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope_theta, self.rope_scaling = arch.rope_theta, arch.rope_scaling
+
+    def __call__(self, x, positions, attn, layer: int):
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        out = attn(layer, q, k, v, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, arch: LlamaArch, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
+        self.self_attn = LlamaAttention(arch, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, act="silu", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, attn, layer: int):
+        x = x + self.self_attn(self.input_layernorm(x), positions, attn, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, arch: LlamaArch, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.arch = arch
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Embed(arch.vocab_size, arch.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=normal_init(), rngs=rngs)
+        self.layers = nnx.List([LlamaDecoderLayer(arch, dtype=dtype, rngs=rngs) for _ in range(arch.num_layers)])
+        self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if arch.tie_word_embeddings else linear(
+            arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)
+
+    def __call__(self, tokens, positions, attn, capture: tuple[int, ...] = ()):
+        """Run all layers. Returns (final-normed hidden, {layer id: raw layer output})."""
+        x = self.embed(tokens)
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, attn, i)
+            if i in capture:
+                captured[i] = x
+        return self.norm(x), captured
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits [..., V] from final-normed hidden states."""
+        weight = self.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
+        return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight,
+                          preferred_element_type=jnp.float32)
+
+    def kv_heads_and_dims(self) -> list[tuple[int, int]]:
+        """(num_kv_heads, head_dim) of each layer's cache."""
+        return [(self.arch.num_kv_heads, self.arch.head_dim)] * self.arch.num_layers

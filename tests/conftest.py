@@ -1,0 +1,101 @@
+"""Shared fixtures: the HF oracle runner, compile counting, random test models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+REPO = Path(__file__).resolve().parent.parent
+ORACLE_DIR = REPO / "tests" / "oracle"
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() == "gpu":
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def _oracle_python() -> str | None:
+    python = os.environ.get("DSPARK_ORACLE_PYTHON", str(REPO / ".venv-oracle" / "bin" / "python"))
+    return python if Path(python).exists() else None
+
+
+@pytest.fixture
+def oracle():
+    """run(script, request) -> dict of arrays: runs tests/oracle/<script> under the 3.11 oracle env.
+
+    Skips when the oracle environment is absent, unless DSPARK_REQUIRE_ORACLE=1 (CI), which fails.
+    """
+    python = _oracle_python()
+    if python is None:
+        if os.environ.get("DSPARK_REQUIRE_ORACLE") == "1":
+            pytest.fail("DSPARK_REQUIRE_ORACLE=1 but the oracle environment is missing (make .venv-oracle/.installed)")
+        pytest.skip("HF oracle environment not installed (make test builds it)")
+
+    def run(script: str, request: dict) -> dict[str, np.ndarray]:
+        proc = subprocess.run([python, str(ORACLE_DIR / script)], input=json.dumps(request), text=True,
+                              capture_output=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"oracle {script} failed:\n{proc.stderr[-4000:]}")
+        out = request.get("out")
+        return dict(np.load(out)) if out else {}
+
+    return run
+
+
+class CompileCounter:
+    """Counts XLA backend compilations while active."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+
+    def _listener(self, event, duration, **kwargs):
+        if self.active and event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+_COUNTER = CompileCounter()
+jax.monitoring.register_event_duration_secs_listener(_COUNTER._listener)
+
+
+@pytest.fixture
+def compile_counter():
+    _COUNTER.count = 0
+    _COUNTER.active = True
+    yield _COUNTER
+    _COUNTER.active = False
+
+
+def randomize_params(model, seed: int, *, scale: float = 1.0):
+    """Replace every parameter by a non-degenerate random value (norms near 1, matrices ~1/sqrt(fan_in))."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(model)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        if not isinstance(var, nnx.Param):
+            flat.append((path, var))
+            continue
+        if value.ndim == 1 and "norm" in ".".join(map(str, path)):
+            new = 1.0 + 0.2 * rng.standard_normal(value.shape)
+        elif value.ndim == 1:
+            new = 0.1 * rng.standard_normal(value.shape)
+        else:
+            fan_in = value.shape[0] if path[-1] == "kernel" else value.shape[-1]
+            new = scale * rng.standard_normal(value.shape) / np.sqrt(fan_in)
+        flat.append((path, var.replace(jnp.asarray(new, value.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
