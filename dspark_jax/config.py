@@ -93,6 +93,8 @@ class RopeScaling(Validated):
     original_max_position_embeddings: int = 8192
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    attention_factor: float = 0.0  # yarn cos/sin scale; 0 = 0.1·ln(factor) + 1
+    truncate: bool = True  # yarn: round the correction range to whole dims
 
     def check(self) -> None:
         self._require(self.factor >= 1.0, "factor", ">= 1")

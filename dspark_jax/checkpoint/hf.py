@@ -45,11 +45,13 @@ def _rope_scaling_from_hf(cfg: dict) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind not in ("llama3", "linear", "yarn"):
         raise ConfigError(f"config.json rope_type={kind!r}; supported: default, llama3, linear, yarn")
-    fields = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow")
-              if k in scaling}
+    if scaling.get("mscale") or scaling.get("mscale_all_dim"):
+        raise ConfigError("config.json rope_parameters: yarn mscale/mscale_all_dim is not supported")
+    fields = {k: float(scaling[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast",
+                                              "beta_slow", "attention_factor") if scaling.get(k) is not None}
     original = scaling.get("original_max_position_embeddings", cfg.get("max_position_embeddings", 8192))
     return theta, RopeScaling(kind=kind, original_max_position_embeddings=int(original),
-                              **{k: float(v) for k, v in fields.items()})
+                              truncate=bool(scaling.get("truncate", True)), **fields)
 
 
 def _eos_ids(value) -> tuple[int, ...]:
@@ -100,7 +102,9 @@ def arch_to_hf_config(arch: TargetArch) -> dict:
         if s.kind == "llama3":
             rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
         if s.kind == "yarn":
-            rope.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+            rope.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+            if s.attention_factor > 0:
+                rope.update(attention_factor=s.attention_factor)
     architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
     eos = list(arch.eos_token_ids)
@@ -261,6 +265,7 @@ class _AtomicFolder:
     def __enter__(self) -> Path:
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
+        os.chmod(self.tmp, 0o755)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

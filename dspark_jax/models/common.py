@@ -86,8 +86,10 @@ def _yarn_inv_freq(inv_freq, dim, theta, scaling: RopeScaling):
         return (dim * math.log(scaling.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
             2 * math.log(theta))
 
-    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(scaling.beta_slow)), dim - 1)
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
@@ -95,10 +97,13 @@ def _yarn_inv_freq(inv_freq, dim, theta, scaling: RopeScaling):
     return inv_freq / scaling.factor * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
 
 
-def yarn_attention_factor(scaling: RopeScaling | None) -> float:
-    if scaling is None or scaling.kind != "yarn" or scaling.factor <= 1:
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """The cos/sin multiplier: yarn's mscale, 1 for every other kind."""
+    if scaling is None or scaling.kind != "yarn":
         return 1.0
-    return 0.1 * math.log(scaling.factor) + 1.0
+    if scaling.attention_factor > 0:
+        return scaling.attention_factor
+    return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, attention_factor: float = 1.0,

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import LlamaArch
-from dspark_jax.models.common import GatedMLP, RMSNorm, apply_rope, linear, normal_init, rope_inv_freq
+from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, normal_init, rope_attention_factor,
+                                      rope_inv_freq)
 
 
 class LlamaAttention(nnx.Module):
@@ -40,7 +41,9 @@ class LlamaAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        factor = rope_attention_factor(self.rope_scaling)
+        q = apply_rope(q, positions, inv_freq, attention_factor=factor)
+        k = apply_rope(k, positions, inv_freq, attention_factor=factor)
         out = attn(layer, q, k, v, scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 

@@ -77,7 +77,7 @@ def _validate(model, prompts, max_new_tokens: int, margin: int):
 
 def _layout_requests(prompts, max_new_tokens: int, margin: int, page_size: int) -> _Requests:
     rows = bucket(len(prompts))
-    per_row = pages_for(max(len(p) for p in prompts) + max_new_tokens + margin, page_size)
+    per_row = bucket(pages_for(max(len(p) for p in prompts) + max_new_tokens + margin, page_size))
     scratch = len(prompts) * per_row  # one shared page that padding rows write into
     table = np.full((rows, per_row), scratch, np.int32)
     for r in range(len(prompts)):
@@ -120,10 +120,9 @@ def _finished(tokens, generated, eos_ids, max_new_tokens):
     return is_eos | (generated >= max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "num_slots", "max_new_tokens"),
-                   donate_argnames=("caches",))
-def _decode_step(graphdef, params, caches, state: DecodeState, page_table, sampling, req_keys, eos_ids, *,
-                 page_size, num_slots, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "num_slots"), donate_argnames=("caches",))
+def _decode_step(graphdef, params, caches, state: DecodeState, page_table, sampling, req_keys, eos_ids,
+                 max_new_tokens, *, page_size, num_slots):
     """Feed each row's last token, sample the next one. Finished rows stand still."""
     model = nnx.merge(graphdef, params)
     rows = state.tokens.shape[0]
@@ -220,11 +219,11 @@ def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: Sampli
         pages = bucket(pages_for(max_len, page_size), maximum=reqs.page_table.shape[1])
         state, caches, out = _decode_step(
             graphdef, params, caches, state, jnp.asarray(reqs.page_table[:, :pages]), samp, keys, eos_ids,
-            page_size=page_size, num_slots=reqs.num_slots, max_new_tokens=max_new_tokens)
+            jnp.int32(max_new_tokens), page_size=page_size, num_slots=reqs.num_slots)
         outputs.append(out)
         steps += 1
 
-    table = np.asarray(jnp.stack(outputs, axis=1))[:n]
+    table = np.stack(jax.device_get(outputs), axis=1)[:n]
     tokens = [[int(t) for t in row if t >= 0] for row in table]
     committed = sum(len(t) for t in tokens)
     end = time.perf_counter()
