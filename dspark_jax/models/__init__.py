@@ -11,7 +11,7 @@ from flax import nnx
 from dspark_jax.config import LlamaArch, TargetArch
 from dspark_jax.models.attention import DenseCausal
 from dspark_jax.models.common import as_dtype
-from dspark_jax.models.llama import LlamaForCausalLM
+from dspark_jax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
 def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
@@ -19,6 +19,13 @@ def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
     rngs = nnx.Rngs(seed)
     if isinstance(arch, LlamaArch):
         return LlamaForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
+    raise ValueError(f"unknown target architecture {type(arch).__name__}")
+
+
+def decoder_layer(arch: TargetArch, *, dtype, rngs: nnx.Rngs):
+    """One decoder layer of the target's family (drafts stack these as their backbone)."""
+    if isinstance(arch, LlamaArch):
+        return LlamaDecoderLayer(arch, dtype=as_dtype(dtype), rngs=rngs)
     raise ValueError(f"unknown target architecture {type(arch).__name__}")
 
 

@@ -3,7 +3,8 @@
 A model layer computes q, k, v and hands them to the context it was called with:
 - `DenseCausal`: whole sequences [B, S] without a cache (research forward, training features);
 - `PagedKV`: a flattened ragged token batch [T] over a paged KV cache (prefill chunks, decode,
-  verification); it writes the new K/V into the layer's pages and attends over them.
+  verification); it writes the new K/V into the layer's pages and attends over them;
+- `DraftBlock`: a DSpark/DFlash draft block over its context cache, bidirectional inside.
 The context collects updated caches as the layers run, so a model forward stays one function.
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 import jax
 
 from pallas_kernels.common import masked_attention
+from pallas_kernels.draft_block_attention import draft_block_attention_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 @jax.tree_util.register_dataclass
@@ -62,3 +64,14 @@ class PagedKV:
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, m.page_table, m.kv_lens, m.cu_q_lens, max_q_len=m.max_q_len,
             scale=scale, sliding_window=sliding_window, sinks=sinks)
+
+
+class DraftBlock:
+    """A draft block [R, γ] attending to the draft-context cache (positions < ctx_lens) and itself."""
+
+    def __init__(self, caches: list[LayerKV], page_table, ctx_lens):
+        self.caches, self.page_table, self.ctx_lens = caches, page_table, ctx_lens
+
+    def __call__(self, layer: int, q, k, v, *, scale: float, sliding_window: int | None = None):
+        return draft_block_attention_reference(q, k, v, *self.caches[layer], self.page_table, self.ctx_lens,
+                                               scale=scale, sliding_window=sliding_window)

@@ -18,13 +18,14 @@ from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, nor
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, arch: LlamaArch, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, arch: LlamaArch, *, dtype, rngs: nnx.Rngs, in_features: int | None = None):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        in_features = in_features or arch.hidden_size
         qkv_bias = arch.attention_bias
         out_bias = arch.attention_bias and arch.model_type != "qwen2"
-        self.q_proj = linear(arch.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = linear(in_features, self.num_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = linear(self.num_heads * self.head_dim, arch.hidden_size, bias=out_bias, dtype=dtype, rngs=rngs)
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=arch.rms_norm_eps, dtype=dtype)
@@ -33,18 +34,26 @@ class LlamaAttention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.rope_theta, self.rope_scaling = arch.rope_theta, arch.rope_scaling
 
+    def _rope(self, x, positions):
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        return apply_rope(x, positions, inv_freq, attention_factor=rope_attention_factor(self.rope_scaling))
+
+    def project_kv(self, x, positions):
+        """Keys (normed, rotated) and values [..., KVH, D] of x; drafts use it for context K/V."""
+        lead = x.shape[:-1]
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return self._rope(k, positions), v
+
     def __call__(self, x, positions, attn, layer: int):
         lead = x.shape[:-1]
         q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        factor = rope_attention_factor(self.rope_scaling)
-        q = apply_rope(q, positions, inv_freq, attention_factor=factor)
-        k = apply_rope(k, positions, inv_freq, attention_factor=factor)
-        out = attn(layer, q, k, v, scale=self.head_dim ** -0.5)
+            q = self.q_norm(q)
+        k, v = self.project_kv(x, positions)
+        out = attn(layer, self._rope(q, positions), k, v, scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 

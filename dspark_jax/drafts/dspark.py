@@ -1,0 +1,183 @@
+"""DSpark draft: a parallel backbone, a sequential Markov head and a confidence head.
+
+Backbone (DFlash style): the block [x0, MASK×(γ−1)] at positions p..p+γ−1 runs through a few
+target-family decoder layers; each layer attends bidirectionally inside the block and to a
+context K/V built from the target's hidden states at `target_layer_ids` (concatenated, projected
+by `fc`, normed by `hidden_norm`, then through the layer's own k/v projections). Base logits use
+the target's frozen lm_head. The Markov head then samples left to right with a bias B_k that
+depends on the previous token; the confidence head scores each position from [h_k ; W1[x_{k−1}]].
+DFlash is this module without the two heads. Parameter names follow DeepSpec's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.cache import init_kv_caches
+from dspark_jax.config import DraftConfig
+from dspark_jax.drafts.base import Proposal, ProposeInputs
+from dspark_jax.models import decoder_layer
+from dspark_jax.models.attention import DraftBlock, LayerKV
+from dspark_jax.models.common import RMSNorm, linear, normal_init
+from dspark_jax.spec.sampling import sample_from_probs, warp_probs
+from pallas_kernels.ragged_paged_attention import write_kv_reference
+
+
+class MarkovHead(nnx.Module):
+    """Low-rank transition bias B(x_{k−1}, ·) = W1[x_{k−1}] W2 (vanilla), gated, or an RNN (paper eq. 6)."""
+
+    def __init__(self, kind: str, *, vocab: int, rank: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.kind = kind
+        self.rank = rank
+        self.markov_w1 = nnx.Embed(vocab, rank, dtype=dtype, param_dtype=dtype, embedding_init=normal_init(),
+                                   rngs=rngs)
+        self.markov_w2 = linear(rank, vocab, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = linear(hidden + rank, rank, bias=True, dtype=dtype, rngs=rngs) if kind == "gated" else None
+        self.joint_proj = (linear(2 * rank + hidden, 3 * rank, bias=True, dtype=dtype, rngs=rngs)
+                           if kind == "rnn" else None)
+
+    def prev_embedding(self, tokens):
+        return self.markov_w1(tokens)
+
+    def initial_state(self, lead_shape, dtype):
+        return jnp.zeros((*lead_shape, self.rank), dtype)
+
+    def step(self, state, prev_tokens, hidden):
+        """(next recurrent state, bias [..., V] fp32) for one block position."""
+        emb = self.prev_embedding(prev_tokens)
+        if self.kind == "vanilla":
+            latent = emb
+        elif self.kind == "gated":
+            latent = jax.nn.sigmoid(self.gate_proj(jnp.concatenate([hidden, emb], axis=-1))) * emb
+        else:
+            gate, candidate, out = jnp.split(self.joint_proj(jnp.concatenate([state, emb, hidden], axis=-1)), 3, -1)
+            gate = jax.nn.sigmoid(gate)
+            state = gate * state + (1.0 - gate) * jnp.tanh(candidate)
+            latent = jnp.tanh(out)
+        kernel = self.markov_w2.kernel[...]
+        bias = jnp.einsum("...r,rv->...v", latent.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+        return state, bias
+
+
+class ConfidenceHead(nnx.Module):
+    """c_k = σ(w·[h_k ; W1[x_{k−1}]] + b); returns the logit (fp32)."""
+
+    def __init__(self, in_features: int, *, dtype, rngs: nnx.Rngs):
+        self.proj = linear(in_features, 1, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, features):
+        return self.proj(features)[..., 0].astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ContextCache:
+    """Per-layer context K/V of the draft, paged like the target's cache (same page table)."""
+
+    caches: list[LayerKV]
+
+
+class DSparkDraft(nnx.Module):
+    def __init__(self, config: DraftConfig, target_arch, *, dtype, rngs: nnx.Rngs):
+        if config.kind not in ("dspark", "dflash"):
+            raise ValueError(f"DSparkDraft: DraftConfig.kind={config.kind!r}; expected 'dspark' or 'dflash'")
+        if not config.target_layer_ids:
+            raise ValueError("DraftConfig.target_layer_ids is empty; DSpark needs target layers to read")
+        if not 0 <= config.mask_token_id < target_arch.vocab_size:
+            raise ValueError(f"DraftConfig.mask_token_id={config.mask_token_id}; expected a token id in "
+                             f"[0, {target_arch.vocab_size})")
+        bad = [i for i in config.target_layer_ids if not 0 <= i < target_arch.num_layers - 1]
+        if bad:
+            raise ValueError(f"DraftConfig.target_layer_ids {bad} out of range; expected 0..{target_arch.num_layers - 2}"
+                             " (the last layer's output is only available after the final norm)")
+        self.config = config
+        hidden = target_arch.hidden_size
+        self.layer_arch = dataclasses.replace(
+            target_arch, num_layers=config.num_layers,
+            intermediate_size=config.intermediate_size or target_arch.intermediate_size)
+        eps = target_arch.rms_norm_eps
+        self.fc = linear(len(config.target_layer_ids) * hidden, hidden, bias=False, dtype=dtype, rngs=rngs)
+        self.hidden_norm = RMSNorm(hidden, eps=eps, dtype=dtype)
+        self.layers = nnx.List([decoder_layer(self.layer_arch, dtype=dtype, rngs=rngs)
+                                for _ in range(config.num_layers)])
+        self.norm = RMSNorm(hidden, eps=eps, dtype=dtype)
+        heads = config.kind == "dspark"
+        self.markov_head = (MarkovHead(config.markov_head, vocab=target_arch.vocab_size, rank=config.markov_rank,
+                                       hidden=hidden, dtype=dtype, rngs=rngs) if heads else None)
+        self.confidence_head = (ConfidenceHead(hidden + config.markov_rank, dtype=dtype, rngs=rngs)
+                                if heads and config.confidence_head else None)
+        # Sequential temperature scaling of the confidence logits, fitted after training.
+        self.sts_temperatures = (1.0,) * config.block_size
+
+    @property
+    def capture_layers(self) -> tuple[int, ...]:
+        return tuple(self.config.target_layer_ids)
+
+    def init_state(self, *, rows: int, num_pages: int, page_size: int, dtype) -> ContextCache:
+        del rows
+        heads_dims = [(self.layer_arch.num_kv_heads, self.layer_arch.head_dim)] * self.config.num_layers
+        return ContextCache(init_kv_caches(heads_dims, num_pages=num_pages, page_size=page_size, dtype=dtype))
+
+    def context(self, features):
+        """C = hidden_norm(fc(features)), the per-position context shared by all layers."""
+        return self.hidden_norm(self.fc(features))
+
+    def ingest(self, target, state: ContextCache, features, next_tokens, layout) -> ContextCache:
+        del target, next_tokens
+        ctx = self.context(features)
+        caches = []
+        for layer, (k_pages, v_pages) in zip(self.layers, state.caches):
+            k, v = layer.self_attn.project_kv(ctx, layout.positions)
+            caches.append(write_kv_reference(k_pages, v_pages, k, v, layout.meta.slot_mapping))
+        return ContextCache(caches)
+
+    def backbone(self, target, state: ContextCache, anchors, lens, page_table, gamma: int):
+        """Final-normed block hidden states h [R, γ, H] for blocks [x0, MASK…] at positions lens..lens+γ−1."""
+        block = jnp.full((anchors.shape[0], gamma), self.config.mask_token_id, jnp.int32).at[:, 0].set(anchors)
+        x = target.embed(block)
+        positions = lens[:, None] + jnp.arange(gamma)[None, :]
+        attn = DraftBlock(state.caches, page_table, lens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, attn, i)
+        return self.norm(x)
+
+    def calibrated_confidence(self, logits):
+        """c_k = σ(z_k / T_k) for confidence logits [R, γ] (γ ≤ the trained block size)."""
+        temps = jnp.asarray(self.sts_temperatures[:logits.shape[-1]], jnp.float32)
+        return jax.nn.sigmoid(logits / temps)
+
+    def confidence_logits(self, hidden, prev_tokens):
+        if self.confidence_head is None:
+            return None
+        features = hidden
+        if self.markov_head is not None:
+            features = jnp.concatenate([hidden, self.markov_head.prev_embedding(prev_tokens).astype(hidden.dtype)], -1)
+        return self.confidence_head(features)
+
+    def propose(self, target, state: ContextCache, inputs: ProposeInputs):
+        hidden = self.backbone(target, state, inputs.anchors, inputs.lens, inputs.page_table, inputs.gamma)
+        base = target.logits(hidden)  # [R, γ, V] fp32
+        rows = inputs.anchors.shape[0]
+        prev = inputs.anchors
+        rnn_state = self.markov_head.initial_state((rows,), hidden.dtype) if self.markov_head is not None else None
+        tokens, probs, conf = [], [], []
+        for k in range(inputs.gamma):
+            logits = base[:, k]
+            if self.markov_head is not None:
+                rnn_state, bias = self.markov_head.step(rnn_state, prev, hidden[:, k])
+                logits = logits + bias
+            q = warp_probs(logits, inputs.sampling)
+            token = sample_from_probs(q, inputs.keys[:, k])
+            if self.confidence_head is not None:
+                conf.append(self.confidence_logits(hidden[:, k], prev))
+            tokens.append(token)
+            probs.append(q)
+            prev = token
+        proposal = Proposal(tokens=jnp.stack(tokens, 1), probs=jnp.stack(probs, 1),
+                            confidence_logits=jnp.stack(conf, 1) if conf else None,
+                            valid=jnp.full((rows,), inputs.gamma, jnp.int32))
+        return proposal, state

@@ -1,0 +1,118 @@
+"""Verify-length schedulers: fixed, static threshold, Algorithm 1 (causal), and the async variant.
+
+Survival a_{r,j} = Π_{i≤j} c_{r,i} is non-increasing in j, so sorting every (request, position)
+by a (ties by position) admits prefixes only. Algorithm 1 adds tokens in that order while the
+expected throughput Θ = (Σ_r 1 + Σ admitted a) · SPS(R + #admitted) keeps improving and stops at
+the first non-improvement — the stop is what keeps it lossless: whether x_{r,k} is admitted never
+depends on x_{r,k} itself (paper appendix A shows the retrospective global search failing that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def survival(confidence, valid_lengths=None):
+    """Cumulative products a [R, γ] of per-position confidences c [R, γ] (fp32), zero past valid_lengths."""
+    a = jnp.cumprod(confidence.astype(jnp.float32), axis=-1)
+    if valid_lengths is not None:
+        a = jnp.where(jnp.arange(a.shape[-1])[None, :] < valid_lengths[:, None], a, 0.0)
+    return a
+
+
+def _admission_order(survival):
+    """Flat indices of all (r, j) sorted by descending a, ties by position then request."""
+    rows, gamma = survival.shape
+    flat = survival.reshape(-1)
+    position = jnp.tile(jnp.arange(gamma), rows)
+    order = jnp.lexsort((jnp.arange(rows * gamma), position, -flat))
+    return order, flat[order]
+
+
+def _lengths_from_admitted(order, admitted, rows: int, gamma: int):
+    return jax.ops.segment_sum(admitted.astype(jnp.int32), order // gamma, num_segments=rows).astype(jnp.int32)
+
+
+def _throughput_path(survival, sps):
+    """Θ after admitting the first n sorted candidates, n = 0..Rγ, and the sorted candidates."""
+    rows, gamma = survival.shape
+    sps = jnp.asarray(sps, jnp.float32)
+    if sps.shape[0] < rows * (gamma + 1) + 1:
+        raise ValueError(f"sps has {sps.shape[0]} entries; expected at least R(γ+1)+1 = {rows * (gamma + 1) + 1}")
+    order, a_sorted = _admission_order(survival)
+    count = jnp.arange(rows * gamma + 1)
+    expected = rows + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(a_sorted)])
+    theta = expected * sps[rows + count]
+    return order, a_sorted, theta
+
+
+def schedule_prefix(survival, sps):
+    """Algorithm 1 (hardware-aware prefix scheduler with early stop).
+
+    survival [R, γ] = a_{r,j} (0 = not a candidate); sps[B] = rounds/s when the verify batch
+    holds B tokens (sps[0] unused, len ≥ R(γ+1)+1). Returns lengths ℓ_r [R] int32.
+    """
+    rows, gamma = survival.shape
+    order, a_sorted, theta = _throughput_path(survival, sps)
+    improves = (theta[1:] > theta[:-1]) & (a_sorted > 0)
+    admitted = jnp.cumprod(improves.astype(jnp.int32)).astype(bool)
+    return _lengths_from_admitted(order, admitted, rows, gamma)
+
+
+def best_capacity(survival, sps):
+    """The token count K maximising Θ over the whole admission path (no early stop).
+
+    Only for the async scheduler, which applies K two rounds later: then K cannot depend on the
+    tokens it admits, and searching past local dips in a jagged SPS curve is safe.
+    """
+    _, a_sorted, theta = _throughput_path(survival, sps)
+    reachable = jnp.concatenate([jnp.ones((1,), bool), a_sorted > 0])
+    return jnp.argmax(jnp.where(reachable, theta, -jnp.inf)).astype(jnp.int32)
+
+
+def admit_top(survival, capacity):
+    """Admit the `capacity` candidates with the highest current survival (prefix-valid)."""
+    rows, gamma = survival.shape
+    order, a_sorted = _admission_order(survival)
+    admitted = (jnp.arange(rows * gamma) < capacity) & (a_sorted > 0)
+    return _lengths_from_admitted(order, admitted, rows, gamma)
+
+
+def threshold_lengths(confidence, threshold: float, valid_lengths):
+    """Cut each draft at the first position whose own confidence is below the threshold."""
+    keep = confidence >= threshold
+    keep &= jnp.arange(confidence.shape[-1])[None, :] < valid_lengths[:, None]
+    return jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+SCHEDULERS = ("fixed", "threshold", "causal", "async")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecParams:
+    """How a generation speculates.
+
+    block_size: draft tokens per round (γ). scheduler: "fixed" verifies every proposed token;
+    "threshold" cuts at the first calibrated confidence below `threshold`; "causal" is Algorithm 1;
+    "async" admits the top-K tokens by current survival with K from two rounds earlier.
+    sps: rounds/s by verify-batch token count (index B; len ≥ R(γ+1)+1) for causal/async;
+    None profiles the real round on this device on first use.
+    """
+
+    block_size: int = 7
+    scheduler: str = "fixed"
+    threshold: float = 0.5
+    sps: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.block_size <= 32:
+            raise ValueError(f"SpecParams.block_size={self.block_size}; expected 1..32")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"SpecParams.scheduler={self.scheduler!r}; expected one of {list(SCHEDULERS)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"SpecParams.threshold={self.threshold}; expected 0..1")
+        if self.sps is not None:
+            object.__setattr__(self, "sps", tuple(float(s) for s in self.sps))
