@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dspark_jax.checkpoint.hf import arch_from_hf_config, arch_to_hf_config, load_hf_target, save_hf_target
+from dspark_jax.checkpoint.hf import (TensorSource, arch_from_hf_config, arch_to_hf_config, load_hf_target,
+                                      save_hf_target)
 from dspark_jax.config import ConfigError, Gemma4Arch
 from dspark_jax.models import create_target, forward
 from dspark_jax.spec.decode import generate
@@ -81,14 +82,18 @@ def test_logits_and_hidden_match_hf(name, oracle, tmp_path):
 def test_multimodal_checkpoint_loads_text_decoder(oracle, tmp_path):
     """A `gemma4` checkpoint with a vision tower: text weights under model.language_model., towers skipped."""
     text = {k: v for k, v in hf_config(ARCHS["k_eq_v"]).items() if k != "tie_word_embeddings"}
-    config = {"text_config": text, "tie_word_embeddings": True, "audio_config": None,
-              "vision_config": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16,
-                                "patch_size": 4, "position_embedding_size": 64, "pooling_kernel_size": 2},
-                                # special-token ids inside the tiny vocabulary (never in the inputs)
-              "image_token_id": 120, "boi_token_id": 121, "eoi_token_id": 122, "video_token_id": 123}
+    vision = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16, "patch_size": 4, "position_embedding_size": 64,
+              "pooling_kernel_size": 2}
+    # Multimodal special tokens inside the tiny vocabulary, above every input token.
+    specials = {"image_token_id": 120, "boi_token_id": 121, "eoi_token_id": 122, "video_token_id": 123}
+    config = {"text_config": text, "vision_config": vision, "audio_config": None, "tie_word_embeddings": True,
+              **specials}
     inputs = np.random.default_rng(1).integers(0, 100, (1, SEQ)).tolist()
     ref = oracle("hf_models.py", hf_request("gemma4", config, tmp_path, inputs, (3,), ("float32",)))
+    names = TensorSource(tmp_path / "hf").names()
+    assert any(n.startswith("model.vision_tower.") for n in names)
+    assert any(n.startswith("model.language_model.layers.") for n in names)
     model = load_hf_target(tmp_path / "hf", dtype="float32")
     assert model.arch == ARCHS["k_eq_v"]
     logits, hidden = forward(model, inputs, layers=(3,))
