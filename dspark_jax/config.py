@@ -131,7 +131,96 @@ class LlamaArch(Validated):
         self._require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
 
 
-TargetArch = LlamaArch
+LayerType = Literal["sliding_attention", "full_attention"]
+
+
+def gemma4_default_layer_types(num_layers: int) -> tuple[str, ...]:
+    """HF Gemma 4's default pattern: five sliding-window layers, then one full; the last is always full."""
+    return tuple("full_attention" if (i + 1) % 6 == 0 or i == num_layers - 1 else "sliding_attention"
+                 for i in range(num_layers))
+
+
+@dataclass(frozen=True)
+class Gemma4Arch(Validated):
+    """Gemma 4 dense text decoder (HF `gemma4_text`, or the text half of a `gemma4` checkpoint).
+
+    Sliding-window and full-attention layers differ in head size, KV heads and RoPE; the
+    `*_full` fields describe the full-attention layers. `num_global_kv_heads` (HF
+    `num_global_key_value_heads`) only exists together with `attention_k_eq_v`, as in HF; None
+    means the full layers use `num_kv_heads`. A partial rotary factor below 1 is HF's
+    "proportional" RoPE (the first fraction of the head's frequency pairs turn, the rest pass).
+    A sliding layer's query at position p sees keys at positions p - sliding_window < k <= p, as
+    in HF's mask and our attention kernels.
+    """
+
+    vocab_size: int = 262144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_layers: int = 30
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_kv_heads: int | None = None
+    layer_types: tuple[LayerType, ...] = gemma4_default_layer_types(30)
+    sliding_window: int = 512
+    rope_theta_sliding: float = 10000.0
+    rope_theta_full: float = 1000000.0
+    partial_rotary_factor_sliding: float = 1.0
+    partial_rotary_factor_full: float = 0.25
+    attention_k_eq_v: bool = False
+    attention_bias: bool = False
+    final_logit_softcapping: float | None = None
+    rms_norm_eps: float = 1e-6
+    hidden_activation: Literal["gelu_pytorch_tanh", "silu"] = "gelu_pytorch_tanh"
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 131072
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1,)
+
+    def check(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "global_head_dim", "sliding_window",
+                     "max_position_embeddings"):
+            self._require(getattr(self, name) > 0, name, "> 0")
+        self._require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                      f"a divisor of num_heads={self.num_heads}")
+        if self.num_global_kv_heads is not None:
+            self._require(self.attention_k_eq_v, "num_global_kv_heads",
+                          "None unless attention_k_eq_v (HF applies it only to K=V layers)")
+            self._require(self.num_global_kv_heads > 0 and self.num_heads % self.num_global_kv_heads == 0,
+                          "num_global_kv_heads", f"a divisor of num_heads={self.num_heads}")
+        self._require(self.head_dim % 2 == 0, "head_dim", "an even number (RoPE rotates pairs)")
+        self._require(self.global_head_dim % 2 == 0, "global_head_dim", "an even number (RoPE rotates pairs)")
+        self._require(len(self.layer_types) == self.num_layers, "layer_types",
+                      f"{self.num_layers} entries (num_layers), each 'sliding_attention' or 'full_attention'")
+        for t in self.layer_types:
+            self._require(t in ("sliding_attention", "full_attention"), "layer_types",
+                          "entries 'sliding_attention' or 'full_attention'")
+        # HF forces the last layer to full attention; a config that says otherwise would load differently.
+        self._require(self.layer_types[-1] == "full_attention", "layer_types",
+                      "'full_attention' as the last entry (HF Gemma 4 forces it)")
+        for name in ("rope_theta_sliding", "rope_theta_full"):
+            self._require(getattr(self, name) > 0, name, "> 0")
+        for name in ("partial_rotary_factor_sliding", "partial_rotary_factor_full"):
+            self._require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        if self.final_logit_softcapping is not None:
+            self._require(self.final_logit_softcapping > 0, "final_logit_softcapping", "> 0 or None (off)")
+        self._require(self.rms_norm_eps > 0, "rms_norm_eps", "> 0")
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == "sliding_attention"
+
+    def kv_heads(self, layer: int) -> int:
+        if self.is_sliding(layer) or self.num_global_kv_heads is None:
+            return self.num_kv_heads
+        return self.num_global_kv_heads
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+
+TargetArch = LlamaArch | Gemma4Arch
 
 
 @dataclass(frozen=True)

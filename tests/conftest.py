@@ -90,7 +90,7 @@ def randomize_params(model, seed: int, *, scale: float = 1.0):
         if not isinstance(var, nnx.Param):
             flat.append((path, var))
             continue
-        if value.ndim == 1 and "norm" in ".".join(map(str, path)):
+        if value.ndim == 1 and ("norm" in ".".join(map(str, path)) or path[-1] == "layer_scalar"):
             new = 1.0 + 0.2 * rng.standard_normal(value.shape)
         elif value.ndim == 1:
             new = 0.1 * rng.standard_normal(value.shape)

@@ -2,11 +2,13 @@
 
 Our module paths mirror HF names: `layers.3.self_attn.q_proj.kernel` ↔ `model.layers.3.self_attn.
 q_proj.weight` (transposed: HF Linear weights are [out, in]), `embed_tokens.embedding` ↔
-`model.embed_tokens.weight`, top-level `lm_head` without the `model.` prefix.
+`model.embed_tokens.weight`, top-level `lm_head` without the `model.` prefix. A multimodal Gemma 4
+checkpoint (`gemma4`) keeps the same text names under `model.language_model.` instead.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from dspark_jax.config import ConfigError, LlamaArch, RopeScaling, TargetArch
+from dspark_jax.config import ConfigError, Gemma4Arch, LlamaArch, RopeScaling, TargetArch, gemma4_default_layer_types
 from dspark_jax.models import abstract_target
 from dspark_jax.models.common import as_dtype
 
@@ -33,6 +35,7 @@ class CheckpointError(ValueError):
 # config.json <-> architecture
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA4_TYPES = ("gemma4_text", "gemma4")
 
 
 def _rope_scaling_from_hf(cfg: dict) -> tuple[float, RopeScaling | None]:
@@ -63,8 +66,10 @@ def _eos_ids(value) -> tuple[int, ...]:
 def arch_from_hf_config(cfg: dict) -> TargetArch:
     """Parse an HF config.json dict into our architecture dataclass."""
     model_type = cfg.get("model_type")
+    if model_type in GEMMA4_TYPES:
+        return _gemma4_arch_from_hf(cfg)
     if model_type not in LLAMA_TYPES:
-        raise ConfigError(f"config.json model_type={model_type!r}; supported: {list(LLAMA_TYPES)}")
+        raise ConfigError(f"config.json model_type={model_type!r}; supported: {list(LLAMA_TYPES + GEMMA4_TYPES)}")
     if cfg.get("use_sliding_window") or (model_type == "mistral" and cfg.get("sliding_window")):
         raise ConfigError(f"config.json: sliding-window attention for model_type={model_type!r} is not supported")
     theta, scaling = _rope_scaling_from_hf(cfg)
@@ -92,6 +97,8 @@ def arch_from_hf_config(cfg: dict) -> TargetArch:
 
 def arch_to_hf_config(arch: TargetArch) -> dict:
     """An HF config.json dict that transformers reads back to the same architecture."""
+    if isinstance(arch, Gemma4Arch):
+        return _gemma4_arch_to_hf(arch)
     if not isinstance(arch, LlamaArch):
         raise ConfigError(f"cannot write config.json for {type(arch).__name__}")
     rope = {"rope_type": "default", "rope_theta": arch.rope_theta}
@@ -129,17 +136,196 @@ def arch_to_hf_config(arch: TargetArch) -> dict:
     }
 
 
+# Gemma 4. HF's defaults for fields a config.json may leave out (Gemma4TextConfig).
+_GEMMA4_ROPE_DEFAULTS = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
+
+
+# (field, HF default, the feature it turns on, the value that keeps it off). HF turns each on when the
+# field is truthy; per-layer inputs are on by default.
+_GEMMA4_UNSUPPORTED = (
+    ("enable_moe_block", False, "MoE blocks", "false"),
+    ("num_kv_shared_layers", 0, "KV-sharing layers", "0"),
+    ("hidden_size_per_layer_input", 256, "per-layer inputs", "0 or null"),
+)
+
+
+def _gemma4_rope(params: dict, layer_type: str, used: bool) -> tuple[float, float]:
+    """(theta, partial rotary factor) of one layer type's `rope_parameters` entry.
+
+    HF needs an entry only for the layer types the model has; an unused one gets HF's default.
+    """
+    entry = params.get(layer_type, None if used else _GEMMA4_ROPE_DEFAULTS[layer_type])
+    if not isinstance(entry, dict):
+        raise ConfigError(f"config.json rope_parameters[{layer_type!r}] is missing; expected a dict with "
+                          "rope_type and rope_theta")
+    kind = entry.get("rope_type", "default")
+    if kind not in ("default", "proportional"):
+        raise ConfigError(f"config.json rope_parameters[{layer_type!r}].rope_type={kind!r}; supported for "
+                          "Gemma 4: default, proportional")
+    if float(entry.get("factor", 1.0)) != 1.0:
+        raise ConfigError(f"config.json rope_parameters[{layer_type!r}].factor={entry['factor']!r}; "
+                          "only 1.0 (no frequency scaling) is supported for Gemma 4")
+    # HF's "default" RoPE ignores partial_rotary_factor and turns the whole head.
+    partial = float(entry.get("partial_rotary_factor", 1.0)) if kind == "proportional" else 1.0
+    return float(entry["rope_theta"]), partial
+
+
+def _gemma4_full_layer_shape(text: dict, layer_types: tuple[str, ...], k_eq_v: bool) -> tuple[int, int | None]:
+    """(global_head_dim, num_global_kv_heads) from either spelling HF uses.
+
+    Released checkpoints say `global_head_dim` / `num_global_key_value_heads`; transformers 5.x
+    re-saves them as `per_layer_config`, overrides keyed by full-attention layer index.
+    """
+    per_layer = text.get("per_layer_config")
+    if per_layer is None:
+        global_kv = text.get("num_global_key_value_heads")
+        # HF applies the global KV head count only to K=V layers.
+        return int(text.get("global_head_dim", 512)), int(global_kv) if k_eq_v and global_kv is not None else None
+    shapes = set()
+    for key, override in per_layer.items():
+        layer = int(key)
+        if not 0 <= layer < len(layer_types) or layer_types[layer] != "full_attention":
+            raise ConfigError(f"config.json per_layer_config[{key!r}]: overrides are supported only on "
+                              "full-attention layers")
+        extra = set(override) - {"head_dim", "num_key_value_heads"}
+        if extra:
+            raise ConfigError(f"config.json per_layer_config[{key!r}] sets {sorted(extra)}; supported: "
+                              "head_dim, num_key_value_heads")
+        shapes.add((override.get("head_dim"), override.get("num_key_value_heads")))
+    full_layers = sum(t == "full_attention" for t in layer_types)
+    if len(shapes) != 1 or len(per_layer) != full_layers:
+        raise ConfigError(f"config.json per_layer_config: expected the same override on all {full_layers} "
+                          f"full-attention layers, got {per_layer}")
+    ((head_dim, kv_heads),) = shapes
+    base_kv = int(text.get("num_key_value_heads", 4))
+    head_dim = int(head_dim) if head_dim is not None else int(text.get("head_dim", 256))
+    return head_dim, int(kv_heads) if kv_heads is not None and int(kv_heads) != base_kv else None
+
+
+def _gemma4_arch_from_hf(cfg: dict) -> Gemma4Arch:
+    text = cfg.get("text_config") if cfg["model_type"] == "gemma4" else cfg
+    if not isinstance(text, dict):
+        raise ConfigError("config.json model_type='gemma4' has no text_config; expected the text decoder's config")
+    for name, hf_default, feature, off in _GEMMA4_UNSUPPORTED:
+        if text.get(name, hf_default):
+            raise ConfigError(f"config.json {name}={text.get(name, hf_default)!r}: Gemma 4 {feature} are not "
+                              f"supported; expected {off}")
+    # use_double_wide_mlp only widens the MLPs of KV-sharing layers, which are rejected above.
+    if text.get("use_bidirectional_attention") not in (None, "vision"):
+        raise ConfigError(f"config.json use_bidirectional_attention={text['use_bidirectional_attention']!r}; "
+                          "supported: null, or 'vision' (text tokens stay causal)")
+    num_layers = int(text.get("num_hidden_layers", 30))
+    layer_types = list(text.get("layer_types") or gemma4_default_layer_types(num_layers))
+    # HF forces the last layer to full attention whatever config.json says, so the weights expect it.
+    layer_types[-1] = "full_attention"
+    rope = text.get("rope_parameters") or _GEMMA4_ROPE_DEFAULTS
+    theta_sliding, partial_sliding = _gemma4_rope(rope, "sliding_attention", "sliding_attention" in layer_types)
+    theta_full, partial_full = _gemma4_rope(rope, "full_attention", True)
+    k_eq_v = bool(text.get("attention_k_eq_v", False))
+    global_head_dim, global_kv = _gemma4_full_layer_shape(text, tuple(layer_types), k_eq_v)
+    cap = text.get("final_logit_softcapping")
+    eos = cfg.get("eos_token_id", text.get("eos_token_id", 1))
+    bos = cfg.get("bos_token_id", text.get("bos_token_id", 2))
+    return Gemma4Arch(
+        vocab_size=int(text.get("vocab_size", 262144)),
+        hidden_size=int(text.get("hidden_size", 2304)),
+        intermediate_size=int(text.get("intermediate_size", 9216)),
+        num_layers=num_layers,
+        num_heads=int(text.get("num_attention_heads", 8)),
+        num_kv_heads=int(text.get("num_key_value_heads", 4)),
+        head_dim=int(text.get("head_dim", 256)),
+        global_head_dim=global_head_dim,
+        num_global_kv_heads=global_kv,
+        layer_types=tuple(layer_types),
+        sliding_window=int(text.get("sliding_window", 512)),
+        rope_theta_sliding=theta_sliding,
+        rope_theta_full=theta_full,
+        partial_rotary_factor_sliding=partial_sliding,
+        partial_rotary_factor_full=partial_full,
+        attention_k_eq_v=k_eq_v,
+        attention_bias=bool(text.get("attention_bias", False)),
+        final_logit_softcapping=float(cap) if cap is not None else None,
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
+        bos_token_id=int(bos) if bos is not None else -1,
+        eos_token_ids=_eos_ids(eos),
+    )
+
+
+def _gemma4_arch_to_hf(arch: Gemma4Arch) -> dict:
+    def rope(theta: float, partial: float) -> dict:
+        if partial == 1.0:
+            return {"rope_type": "default", "rope_theta": theta}
+        return {"rope_type": "proportional", "partial_rotary_factor": partial, "rope_theta": theta}
+
+    eos = list(arch.eos_token_ids)
+    return {
+        "architectures": ["Gemma4ForCausalLM"],
+        "model_type": "gemma4_text",
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.intermediate_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "head_dim": arch.head_dim,
+        "global_head_dim": arch.global_head_dim,
+        "num_global_key_value_heads": arch.num_global_kv_heads,
+        "attention_k_eq_v": arch.attention_k_eq_v,
+        "layer_types": list(arch.layer_types),
+        "sliding_window": arch.sliding_window,
+        "rope_parameters": {
+            "sliding_attention": rope(arch.rope_theta_sliding, arch.partial_rotary_factor_sliding),
+            "full_attention": rope(arch.rope_theta_full, arch.partial_rotary_factor_full),
+        },
+        "final_logit_softcapping": arch.final_logit_softcapping,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "hidden_activation": arch.hidden_activation,
+        "tie_word_embeddings": arch.tie_word_embeddings,
+        "attention_bias": arch.attention_bias,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "bos_token_id": arch.bos_token_id if arch.bos_token_id >= 0 else None,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "hidden_size_per_layer_input": 0,
+        "num_kv_shared_layers": 0,
+        "enable_moe_block": False,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # tensors
 
 
-def hf_tensor_name(path: tuple) -> tuple[str, bool]:
-    """(HF tensor name, whether our array is the transpose of HF's) for a module path."""
+def hf_tensor_name(path: tuple, *, prefix: str = "model.") -> tuple[str, bool]:
+    """(HF tensor name, whether our array is the transpose of HF's) for a module path.
+
+    `prefix` is where the decoder lives in the checkpoint (`model.`, or `model.language_model.` in
+    a multimodal Gemma 4); `lm_head` is always top-level.
+    """
     *module, leaf = (str(p) for p in path)
     name = ".".join(module + ["weight" if leaf in ("kernel", "embedding") else leaf])
     if module and module[0] == "lm_head":
         return name, leaf == "kernel"
-    return "model." + name, leaf == "kernel"
+    return prefix + name, leaf == "kernel"
+
+
+# A multimodal Gemma 4 checkpoint: the text decoder under its own prefix, plus vision and audio
+# towers and their projections into the text embedding space, which a text target does not use.
+GEMMA4_MULTIMODAL_PREFIX = "model.language_model."
+GEMMA4_NON_TEXT_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+
+
+def hf_checkpoint_layout(cfg: dict) -> tuple[Callable[[tuple], tuple[str, bool]], Callable[[str], bool]]:
+    """(module path -> tensor name, tensors to skip) for an HF folder with this config.json."""
+    if cfg.get("model_type") == "gemma4":
+        return (functools.partial(hf_tensor_name, prefix=GEMMA4_MULTIMODAL_PREFIX),
+                lambda name: name.startswith(GEMMA4_NON_TEXT_PREFIXES))
+    return hf_tensor_name, lambda name: False
 
 
 class TensorSource:
@@ -235,12 +421,14 @@ def read_config_json(folder: str | Path) -> dict:
 
 def load_hf_target(folder: str | Path, *, dtype="bfloat16"):
     """Load an HF model folder (config.json + safetensors) as our target module."""
-    arch = arch_from_hf_config(read_config_json(folder))
+    cfg = read_config_json(folder)
+    arch = arch_from_hf_config(cfg)
+    name_of, skipped = hf_checkpoint_layout(cfg)
     dtype = as_dtype(dtype)
     model = abstract_target(arch, dtype=dtype)
     tied = getattr(arch, "tie_word_embeddings", False)
-    return fill_params(model, TensorSource(folder), dtype=dtype,
-                       optional=lambda name: tied and name == "lm_head.weight")
+    return fill_params(model, TensorSource(folder), dtype=dtype, name_of=name_of,
+                       optional=lambda name: skipped(name) or (tied and name == "lm_head.weight"))
 
 
 def model_tensors(model, name_of: Callable[[tuple], tuple[str, bool]] = hf_tensor_name) -> dict[str, jax.Array]:

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.config import LlamaArch, TargetArch
+from dspark_jax.config import Gemma4Arch, LlamaArch, TargetArch
 from dspark_jax.models.attention import DenseCausal
 from dspark_jax.models.common import as_dtype
+from dspark_jax.models.gemma import Gemma4ForCausalLM
 from dspark_jax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -19,6 +20,8 @@ def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
     rngs = nnx.Rngs(seed)
     if isinstance(arch, LlamaArch):
         return LlamaForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
+    if isinstance(arch, Gemma4Arch):
+        return Gemma4ForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
     raise ValueError(f"unknown target architecture {type(arch).__name__}")
 
 
@@ -26,7 +29,8 @@ def decoder_layer(arch: TargetArch, *, dtype, rngs: nnx.Rngs):
     """One decoder layer of the target's family (drafts stack these as their backbone)."""
     if isinstance(arch, LlamaArch):
         return LlamaDecoderLayer(arch, dtype=as_dtype(dtype), rngs=rngs)
-    raise ValueError(f"unknown target architecture {type(arch).__name__}")
+    raise ValueError(f"draft backbones for {type(arch).__name__} targets are not supported; "
+                     "Llama-family targets are")
 
 
 def abstract_target(arch: TargetArch, *, dtype="bfloat16"):

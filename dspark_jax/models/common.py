@@ -80,6 +80,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     raise ValueError(f"RopeScaling.kind={scaling.kind!r}; expected llama3, linear or yarn")
 
 
+def proportional_rope_inv_freq(head_dim: int, theta: float, partial_rotary_factor: float) -> jax.Array:
+    """[head_dim/2] inverse frequencies of "proportional" partial RoPE (HF Gemma 4).
+
+    Unlike `rotary_dim` partial RoPE, the whole head keeps its pairing (i, i + head_dim/2) and its
+    full-head frequency ladder; only the first `partial_rotary_factor` of the pairs turn. The
+    other pairs get frequency 0 (cos 1, sin 0), so `apply_rope` passes them through exactly.
+    Factor 1 is plain RoPE.
+    """
+    turning = int(partial_rotary_factor * head_dim // 2)
+    return jnp.where(jnp.arange(head_dim // 2) < turning, rope_inv_freq(head_dim, theta), 0.0)
+
+
 def _yarn_inv_freq(inv_freq, dim, theta, scaling: RopeScaling):
     # Blend interpolated and extrapolated frequencies by a linear ramp between the correction dims.
     def correction_dim(num_rotations):
@@ -143,3 +155,9 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+
+
+def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden):
+    """fp32 logits [..., V] through the output head (the embedding when tied)."""
+    weight = embed_tokens.embedding[...] if lm_head is None else lm_head.kernel[...].T
+    return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import LlamaArch
-from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, normal_init, rope_attention_factor,
-                                      rope_inv_freq)
+from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, lm_head_logits, normal_init,
+                                      rope_attention_factor, rope_inv_freq)
 
 
 class LlamaAttention(nnx.Module):
@@ -95,9 +95,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits [..., V] from final-normed hidden states."""
-        weight = self.embed_tokens.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T
-        return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight,
-                          preferred_element_type=jnp.float32)
+        return lm_head_logits(self.embed_tokens, self.lm_head, hidden)
 
     def kv_heads_and_dims(self) -> list[tuple[int, int]]:
         """(num_kv_heads, head_dim) of each layer's cache."""

@@ -7,10 +7,12 @@ Reads one JSON request on stdin:
    "inputs": [[token ids], ...],     # equal-length rows
    "hidden_layers": [1, 3],          # decoder layer ids whose raw outputs to return
    "dtypes": ["float32", "bfloat16"]}
-Creates the model from the config with every weight drawn at random (norm weights around 1,
-matrices scaled by 1/sqrt(fan_in)) so that nothing is degenerate, saves it, reloads it in each
-dtype and writes `logits_<dtype>` [B,S,V] and `hidden_<layer>_<dtype>` [B,S,H] as float32; the
-hidden states are the raw outputs of those decoder layers (forward hooks, no final norm).
+Creates the model from the config with every weight (parameters and saved buffers) drawn at random
+(norm weights and layer scalars around 1, matrices scaled by 1/sqrt(fan_in)) so that nothing is
+degenerate, saves it, reloads it in each dtype and writes `logits_<dtype>` [B,S,V] and
+`hidden_<layer>_<dtype>` [B,S,H] as float32; the hidden states are the raw outputs of those
+decoder layers (forward hooks, no final norm). Composite configs (e.g. "gemma4" with a
+text_config and a vision_config) work too: their causal-LM class runs on the text inputs.
 """
 
 import json
@@ -21,10 +23,20 @@ import torch
 import transformers
 
 
+def checkpoint_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters, then the float tensor buffers save_pretrained writes (e.g. Gemma 4's layer_scalar).
+
+    Scalar buffers (clipping bounds and the like) keep their initial values.
+    """
+    saved = set(model.state_dict())
+    buffers = [(n, b) for n, b in model.named_buffers() if n in saved and b.is_floating_point() and b.ndim > 0]
+    return sorted(model.named_parameters()) + sorted(buffers)
+
+
 def randomise(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for name, p in checkpoint_tensors(model):
             if p.ndim == 1 and ("norm" in name or name.endswith("layer_scalar")):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             elif p.ndim == 1:
