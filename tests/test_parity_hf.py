@@ -6,6 +6,8 @@ save_pretrained, and reports its outputs; we load the saved folder with our load
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,7 @@ def tokens():
 def test_logits_match_hf(case, oracle, tokens, tmp_path):
     model_type, extra = CASES[case]
     ref = oracle("hf_models.py", dict(
-        model_type=model_type, config={**BASE, **extra}, seed=hash(case) % 1000,
+        model_type=model_type, config={**BASE, **extra}, seed=zlib.crc32(case.encode()) % 1000,
         model_dir=str(tmp_path / "model"), out=str(tmp_path / "out.npz"), inputs=tokens,
         hidden_layers=list(LAYERS), dtypes=["float32", "bfloat16"]))
 

@@ -1,8 +1,11 @@
-"""Batched generation: chunked prefill, then plain decode steps over a paged KV cache.
+"""Batched generation: chunked prefill, then plain decode steps or speculative rounds.
 
-Every hot path is a `jax.jit` function of (graphdef, params, caches, ...) that donates the caches.
-Shapes come in buckets (requests, tokens, pages), so a long generation compiles a handful of
-programs and then only replays them.
+Every hot path is a `jax.jit` function of (graphdefs, params, caches, state, ...) that donates the
+caches. Shapes come in buckets (rows, tokens, pages), so a generation compiles a handful of
+programs and then replays them. A speculative round is one program — draft, schedule, verify
+the flattened ragged batch through the target, commit — except for the schedulers whose token
+budget depends on this round's confidences (threshold, causal): those split after scheduling so
+the host can pick the budget bucket.
 """
 
 from __future__ import annotations
@@ -17,21 +20,25 @@ import numpy as np
 from flax import nnx
 
 from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
+from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.spec.sampling import (TARGET_STREAM, SamplingArrays, SamplingParams, position_keys,
-                                      request_keys, sample)
+from dspark_jax.spec.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays, SamplingParams,
+                                      position_keys, request_keys, sample)
+from dspark_jax.spec.schedule import (SpecParams, admit_top, best_capacity, schedule_prefix, survival,
+                                      threshold_lengths)
+from dspark_jax.spec.verify import verify
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecStats:
     """Speculation metrics over a generation (bonus token counted in the accepted length)."""
 
-    acceptance_length: float  # mean committed tokens per round (accepted drafts + 1)
-    accept_rate_per_position: list[float]  # P(draft k accepted | drafts < k accepted)
-    survival_per_position: list[float]  # P(drafts 1..k all accepted) per scheduled round
+    acceptance_length: float  # mean committed tokens per round (accepted drafts + 1, EOS-cut)
+    accept_rate_per_position: list[float]  # P(draft k accepted | drafts < k accepted and k verified)
+    survival_per_position: list[float]  # P(at least k drafts accepted) per round
     verified_tokens: int  # tokens the target ran in decode rounds
     committed_tokens: int  # tokens those rounds committed
-    rounds: int
+    rounds: int  # request-rounds (one request advanced by one round)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,24 +49,30 @@ class GenerateResult:
     decode_seconds: float  # wall time after the first generated token
 
 
+# --------------------------------------------------------------------------------------------
+# request layout
+
+
 @dataclasses.dataclass
 class _Requests:
-    """Host-side bookkeeping of one generate() call: R requests padded to a bucket of rows."""
+    """Host-side layout of one generate() call: R prompts padded to a bucket of rows."""
 
     prompts: list[list[int]]
     rows: int
-    page_size: int
+    geometry: CacheGeometry
     page_table: np.ndarray  # [rows, pages_per_row]; padding rows hold only the scratch page
-    num_pages: int
+    width: int  # history buffer length: longest prompt + budget + a draft block
 
     @property
-    def num_slots(self) -> int:
-        return self.num_pages * self.page_size
+    def page_size(self) -> int:
+        return self.geometry.page_size
 
 
 def _validate(model, prompts, max_new_tokens: int, margin: int):
     if not prompts:
         raise ValueError("prompts: expected at least one prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
     vocab = model.arch.vocab_size
     limit = model.arch.max_position_embeddings
     for i, p in enumerate(prompts):
@@ -71,162 +84,443 @@ def _validate(model, prompts, max_new_tokens: int, margin: int):
         if len(p) + max_new_tokens + margin > limit:
             raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
                              f"exceeds the model's context of {limit} positions")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
 
 
 def _layout_requests(prompts, max_new_tokens: int, margin: int, page_size: int) -> _Requests:
     rows = bucket(len(prompts))
-    per_row = bucket(pages_for(max(len(p) for p in prompts) + max_new_tokens + margin, page_size))
+    longest = max(len(p) for p in prompts) + max_new_tokens + margin
+    per_row = bucket(pages_for(longest, page_size))
     scratch = len(prompts) * per_row  # one shared page that padding rows write into
     table = np.full((rows, per_row), scratch, np.int32)
     for r in range(len(prompts)):
         table[r] = np.arange(r * per_row, (r + 1) * per_row)
-    return _Requests(prompts=[list(map(int, p)) for p in prompts], rows=rows, page_size=page_size,
-                     page_table=table, num_pages=scratch + 1)
+    return _Requests(prompts=[list(map(int, p)) for p in prompts], rows=rows,
+                     geometry=CacheGeometry(page_size=page_size, num_pages=scratch + 1), page_table=table,
+                     width=bucket(longest + 1, minimum=16))
 
 
 # --------------------------------------------------------------------------------------------
-# jitted steps
+# prefill
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "page_size", "num_slots", "capture"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "geometry", "capture"),
                    donate_argnames=("caches",))
-def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, page_size,
-                  num_slots, capture):
-    """Run one packed chunk of prompts; returns logits at each request's last chunk token."""
+def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, geometry, capture):
+    """Run one packed chunk of prompts; logits at each row's last chunk token, captured features."""
     model = nnx.merge(graphdef, params)
     layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
-                           page_size=page_size, num_slots=num_slots)
+                           page_size=geometry.page_size, num_slots=geometry.num_slots)
     attn = PagedKV(caches, layout.meta)
     hidden, captured = model(tokens, layout.positions, attn, capture=capture)
     last = jnp.maximum(layout.meta.cu_q_lens[1:] - 1, 0)
-    return model.logits(hidden[last]), attn.caches, captured
+    features = jnp.concatenate([captured[i] for i in capture], axis=-1) if capture else None
+    return model.logits(hidden[last]), attn.caches, features
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """One prefill chunk, kept so the draft can ingest it once the first token is known."""
+
+    tokens: np.ndarray  # [T] flat prompt tokens
+    start: np.ndarray  # [rows] cache position of each row's first chunk token
+    q_lens: np.ndarray  # [rows]
+    features: jax.Array | None  # [T, n·H] target features for the draft
+
+
+def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...]):
+    """Chunked prefill of every prompt, packed `chunk` tokens at a time over all rows.
+
+    Returns (caches, {row: logits at its last prompt token}, chunks).
+    """
+    done = [0] * len(reqs.prompts)
+    last_logits, chunks = {}, []
+    while any(d < len(p) for d, p in zip(done, reqs.prompts)):
+        q_lens = np.zeros(reqs.rows, np.int32)
+        budget = chunk
+        for r, p in enumerate(reqs.prompts):
+            take = min(len(p) - done[r], budget)
+            q_lens[r] = take
+            budget -= take
+        start = np.array(done + [0] * (reqs.rows - len(done)), np.int32)
+        flat = np.concatenate([reqs.prompts[r][done[r]:done[r] + q_lens[r]] for r in range(len(reqs.prompts))])
+        tokens = np.zeros(bucket(len(flat), minimum=16), np.int32)
+        tokens[:len(flat)] = flat
+        pages = bucket(pages_for(int((start + q_lens).max()), reqs.page_size), maximum=reqs.page_table.shape[1])
+        logits, caches, features = _prefill_step(
+            graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(reqs.page_table[:, :pages]),
+            jnp.asarray(start), jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry,
+            capture=capture)
+        chunks.append(_Chunk(tokens, start, q_lens, features))
+        for r in range(len(reqs.prompts)):
+            done[r] += int(q_lens[r])
+            if q_lens[r] and done[r] == len(reqs.prompts[r]):
+                last_logits[r] = logits[r]
+    return caches, last_logits, chunks
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "max_q_len", "geometry"), donate_argnames=("dstate",))
+def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_tokens, page_table, start, q_lens, *,
+                          max_q_len, geometry):
+    """Let the draft absorb one prefill chunk.
+
+    The token after each row's last chunk position is `boundary_tokens[row]`: the next prompt
+    token, or the first generated token when the prompt ends in this chunk.
+    """
+    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
+                           page_size=geometry.page_size, num_slots=geometry.num_slots)
+    following = jnp.concatenate([tokens[1:], tokens[:1]])
+    is_last = layout.token_slot == q_lens[layout.token_req] - 1
+    next_tokens = jnp.where(is_last, boundary_tokens[layout.token_req], following)
+    return draft.ingest(target, dstate, features, next_tokens, layout)
+
+
+def _boundary_tokens(reqs: _Requests, chunk: _Chunk, first_tokens: np.ndarray) -> np.ndarray:
+    out = np.zeros(reqs.rows, np.int32)
+    for r, p in enumerate(reqs.prompts):
+        end = int(chunk.start[r] + chunk.q_lens[r])
+        out[r] = p[end] if end < len(p) else first_tokens[r]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# decode state
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
-    """Per-row decode state on device. `tokens` is the last sampled token, not yet in the cache."""
+    """Per-row state on device. `anchors` is the last committed token, not yet in the target cache."""
 
-    tokens: jax.Array  # [R] int32
-    lens: jax.Array  # [R] int32 cache length = position of `tokens`
-    generated: jax.Array  # [R] int32 tokens produced so far (including `tokens`)
-    done: jax.Array  # [R] bool (EOS sampled, budget reached, or a padding row)
-
-
-def _finished(tokens, generated, eos_ids, max_new_tokens):
-    is_eos = jnp.isin(tokens, eos_ids) if eos_ids.size else jnp.zeros_like(tokens, bool)
-    return is_eos | (generated >= max_new_tokens)
+    anchors: jax.Array  # [R] int32
+    lens: jax.Array  # [R] int32 target cache length = position of the anchor
+    generated: jax.Array  # [R] int32 tokens produced so far (including the anchor)
+    done: jax.Array  # [R] bool (EOS, budget reached, or a padding row)
+    rounds: jax.Array  # [R] int32 rounds this request has run (keys its random draws)
+    history: jax.Array  # [R, L] int32 prompt + generated tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "page_size", "num_slots"), donate_argnames=("caches",))
-def _decode_step(graphdef, params, caches, state: DecodeState, page_table, sampling, req_keys, eos_ids,
-                 max_new_tokens, *, page_size, num_slots):
-    """Feed each row's last token, sample the next one. Finished rows stand still."""
-    model = nnx.merge(graphdef, params)
-    rows = state.tokens.shape[0]
-    layout = ragged_layout(page_table, state.lens, jnp.ones((rows,), jnp.int32), num_tokens=rows, max_q_len=1,
-                           page_size=page_size, num_slots=num_slots)
-    attn = PagedKV(caches, layout.meta)
-    hidden, _ = model(state.tokens, layout.positions, attn)
-    keys = position_keys(req_keys, state.lens + 1, TARGET_STREAM)
-    nxt = sample(model.logits(hidden), sampling, keys)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpecCounters:
+    """Running totals for SpecStats, accumulated on device."""
+
+    rounds: jax.Array  # request-rounds
+    committed: jax.Array
+    verified: jax.Array
+    reached: jax.Array  # [γ] rounds that verified position k with all earlier drafts accepted
+    accepted: jax.Array  # [γ] rounds that accepted position k
+
+    @staticmethod
+    def zeros(gamma: int) -> "SpecCounters":
+        z = jnp.zeros((), jnp.int32)
+        return SpecCounters(z, z, z, jnp.zeros((gamma,), jnp.int32), jnp.zeros((gamma,), jnp.int32))
+
+
+def _commit(state: DecodeState, counters: SpecCounters, candidates, num_accepted, lengths, eos_ids, max_new):
+    """Append each live row's committed tokens (accepted drafts + the next token, cut at EOS/budget).
+
+    candidates [R, γ+1]: x_1..x_n followed by the next token at index n.
+    """
+    width = candidates.shape[1]
     live = ~state.done
-    generated = state.generated + live
-    new = DecodeState(tokens=jnp.where(live, nxt, state.tokens), lens=state.lens + live, generated=generated,
-                      done=state.done | (live & _finished(nxt, generated, eos_ids, max_new_tokens)))
-    return new, attn.caches, jnp.where(live, nxt, -1)
+    slot = jnp.arange(width)[None, :]
+    is_eos = jnp.isin(candidates, eos_ids) & (slot <= num_accepted[:, None])
+    first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), width)
+    count = jnp.minimum(jnp.minimum(num_accepted + 1, first_eos + 1), max_new - state.generated)
+    count = jnp.where(live, count, 0).astype(jnp.int32)
+    write_at = jnp.where(slot < count[:, None], state.lens[:, None] + 1 + slot, state.history.shape[1])
+    history = state.history.at[jnp.arange(state.anchors.shape[0])[:, None], write_at].set(candidates, mode="drop")
+    finished = (first_eos < count) | (state.generated + count >= max_new)
+    last = jnp.take_along_axis(candidates, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0]
+    new_state = DecodeState(
+        anchors=jnp.where(count > 0, last, state.anchors), lens=state.lens + count,
+        generated=state.generated + count, done=state.done | (live & finished), rounds=state.rounds + live,
+        history=history)
+    gamma = counters.reached.shape[0]
+    position = jnp.arange(gamma)[None, :]
+    reached = live[:, None] & (lengths[:, None] > position) & (num_accepted[:, None] >= position)
+    accepted = live[:, None] & (num_accepted[:, None] > position)
+    new_counters = SpecCounters(
+        rounds=counters.rounds + jnp.sum(live), committed=counters.committed + jnp.sum(count),
+        verified=counters.verified + jnp.sum(jnp.where(live, lengths + 1, 0)),
+        reached=counters.reached + jnp.sum(reached, 0), accepted=counters.accepted + jnp.sum(accepted, 0))
+    return new_state, new_counters, count
+
+
+def _round_keys(req_keys, rounds, stream: int, width: int):
+    """[R, width] keys for this round's draws; (request, round, stream, slot) never repeats."""
+    per_round = position_keys(req_keys, rounds, stream)
+    return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(width)))(per_round)
+
+
+# --------------------------------------------------------------------------------------------
+# plain decode
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "geometry"), donate_argnames=("caches",))
+def _decode_step(graphdef, params, caches, state: DecodeState, counters, page_table, sampling, req_keys, eos_ids,
+                 max_new, *, geometry):
+    """Feed each row's anchor, sample the next token. Finished rows stand still."""
+    model = nnx.merge(graphdef, params)
+    rows = state.anchors.shape[0]
+    layout = ragged_layout(page_table, state.lens, jnp.ones((rows,), jnp.int32), num_tokens=rows, max_q_len=1,
+                           page_size=geometry.page_size, num_slots=geometry.num_slots)
+    attn = PagedKV(caches, layout.meta)
+    hidden, _ = model(state.anchors, layout.positions, attn)
+    nxt = sample(model.logits(hidden), sampling, position_keys(req_keys, state.lens + 1, TARGET_STREAM))
+    zero = jnp.zeros((rows,), jnp.int32)
+    state, counters, _ = _commit(state, counters, nxt[:, None], zero, zero, eos_ids, max_new)
+    return state, counters, attn.caches
+
+
+# --------------------------------------------------------------------------------------------
+# speculative rounds
+
+
+@dataclasses.dataclass(frozen=True)
+class _RoundShape:
+    """Static facts of a speculative round."""
+
+    gamma: int
+    scheduler: str
+    threshold: float
+    geometry: CacheGeometry
+
+
+def _draft_and_schedule(target, draft, dstate, state: DecodeState, page_table, sampling, req_keys, sps, capacity,
+                        shape: _RoundShape):
+    inputs = ProposeInputs(anchors=state.anchors, lens=state.lens, page_table=page_table, history=state.history,
+                           sampling=sampling, keys=_round_keys(req_keys, state.rounds, DRAFT_STREAM, shape.gamma),
+                           gamma=shape.gamma, geometry=shape.geometry)
+    proposal, dstate = draft.propose(target, dstate, inputs)
+    valid = jnp.where(state.done, 0, proposal.valid)
+    next_capacity = jnp.zeros((), jnp.int32)
+    if shape.scheduler == "fixed":
+        lengths = valid
+    else:
+        confidence = draft.calibrated_confidence(proposal.confidence_logits)
+        a = survival(confidence, valid)
+        if shape.scheduler == "threshold":
+            lengths = threshold_lengths(confidence, shape.threshold, valid)
+        elif shape.scheduler == "causal":
+            lengths = schedule_prefix(a, sps)
+        else:
+            lengths = admit_top(a, capacity)
+            next_capacity = best_capacity(a, sps)
+    return proposal, jnp.where(state.done, 0, lengths).astype(jnp.int32), next_capacity, dstate
+
+
+def _verify_and_commit(target, draft, caches, dstate, state: DecodeState, counters, proposal: Proposal, lengths,
+                       page_table, sampling, req_keys, eos_ids, max_new, shape: _RoundShape, budget: int):
+    gamma, geometry = shape.gamma, shape.geometry
+    q_lens = jnp.where(state.done, 0, lengths + 1)
+    layout = ragged_layout(page_table, state.lens, q_lens, num_tokens=budget, max_q_len=gamma + 1,
+                           page_size=geometry.page_size, num_slots=geometry.num_slots)
+    block = jnp.concatenate([state.anchors[:, None], proposal.tokens], axis=1)  # [R, γ+1]
+    tokens = block[layout.token_req, layout.token_slot]
+    attn = PagedKV(caches, layout.meta)
+    hidden, captured = target(tokens, layout.positions, attn, capture=draft.capture_layers)
+    logits = target.logits(hidden)  # [T, V]
+    cu = layout.meta.cu_q_lens
+    grid = jnp.clip(cu[:-1, None] + jnp.arange(gamma + 1)[None, :], 0, budget - 1)
+    keys = position_keys(req_keys, state.rounds, ACCEPT_STREAM)
+    num_accepted, nxt = verify(logits[grid], proposal.tokens, proposal.probs, lengths, keys, sampling)
+
+    slot = jnp.arange(gamma + 1)[None, :]
+    padded = jnp.concatenate([proposal.tokens, jnp.zeros_like(proposal.tokens[:, :1])], axis=1)
+    candidates = jnp.where(slot == num_accepted[:, None], nxt[:, None], padded)
+    old = state
+    state, counters, count = _commit(state, counters, candidates, num_accepted, lengths, eos_ids, max_new)
+
+    # The draft absorbs the committed positions (anchor .. last accepted) from this verify pass.
+    commit_layout = ragged_layout(page_table, old.lens, jnp.where(old.done, 0, num_accepted + 1),
+                                  num_tokens=budget, max_q_len=gamma + 1, page_size=geometry.page_size,
+                                  num_slots=geometry.num_slots)
+    source = jnp.clip(cu[commit_layout.token_req] + commit_layout.token_slot, 0, budget - 1)
+    features = (jnp.concatenate([captured[i] for i in draft.capture_layers], axis=-1)[source]
+                if draft.capture_layers else None)
+    next_tokens = candidates[commit_layout.token_req, commit_layout.token_slot]
+    dstate = draft.ingest(target, dstate, features, next_tokens, commit_layout)
+    return state, counters, attn.caches, dstate
+
+
+_ROUND_STATIC = ("graphdefs", "shape", "budget")
+
+
+@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("caches", "dstate"))
+def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
+                sps, capacity, *, shape, budget):
+    """One whole speculative round for schedulers whose budget is known before launch (fixed, async)."""
+    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
+    capacity = jnp.minimum(capacity, budget - jnp.sum(~state.done))
+    proposal, lengths, next_capacity, dstate = _draft_and_schedule(
+        target, draft, dstate, state, page_table, sampling, req_keys, sps, capacity, shape)
+    state, counters, caches, dstate = _verify_and_commit(
+        target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys, eos_ids,
+        max_new, shape, budget)
+    return state, counters, caches, dstate, next_capacity
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
+def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys, sps, *, shape):
+    """Draft and schedule; the host reads the token total to pick the verify budget."""
+    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, state, page_table, sampling, req_keys,
+                                                       sps, jnp.zeros((), jnp.int32), shape)
+    total = jnp.sum(jnp.where(state.done, 0, lengths + 1))
+    return proposal, lengths, total, dstate
+
+
+@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("caches", "dstate"))
+def _spec_verify(graphdefs, params, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys,
+                 eos_ids, max_new, *, shape, budget):
+    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    return _verify_and_commit(target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling,
+                              req_keys, eos_ids, max_new, shape, budget)
 
 
 # --------------------------------------------------------------------------------------------
 # driver
 
 
-def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...]):
-    """Chunked, packed prefill of every prompt; yields (row ids, logits at last prompt token, captured)."""
-    done = [0] * len(reqs.prompts)
-    last_logits = {}
-    captured_all = []
-    while any(d < len(p) for d, p in zip(done, reqs.prompts)):
-        rows, pieces, budget = [], [], chunk
-        for r, p in enumerate(reqs.prompts):
-            if done[r] < len(p) and budget > 0:
-                take = min(len(p) - done[r], budget)
-                rows.append(r)
-                pieces.append(p[done[r]:done[r] + take])
-                budget -= take
-        n_rows = bucket(len(rows))
-        tokens = np.zeros(bucket(sum(map(len, pieces)), minimum=16), np.int32)
-        flat = np.concatenate(pieces)
-        tokens[:len(flat)] = flat
-        table = np.full((n_rows, reqs.page_table.shape[1]), reqs.num_pages - 1, np.int32)
-        table[:len(rows)] = reqs.page_table[rows]
-        start = np.zeros(n_rows, np.int32)
-        q_lens = np.zeros(n_rows, np.int32)
-        start[:len(rows)] = [done[r] for r in rows]
-        q_lens[:len(rows)] = [len(x) for x in pieces]
-        pages = bucket(pages_for(int((start + q_lens).max()), reqs.page_size), maximum=table.shape[1])
-        logits, caches, captured = _prefill_step(
-            graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(table[:, :pages]), jnp.asarray(start),
-            jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), page_size=reqs.page_size,
-            num_slots=reqs.num_slots, capture=capture)
-        captured_all.append((rows, start[:len(rows)].copy(), q_lens[:len(rows)].copy(), captured))
-        for i, r in enumerate(rows):
-            done[r] += len(pieces[i])
-            if done[r] == len(reqs.prompts[r]):
-                last_logits[r] = logits[i]
-    return caches, last_logits, captured_all
+def _check_spec(draft, spec: SpecParams):
+    config = draft.config
+    if config.kind in ("dspark", "dflash", "eagle3") and spec.block_size > config.block_size:
+        raise ValueError(f"SpecParams.block_size={spec.block_size} exceeds the draft's trained block size "
+                         f"{config.block_size}")
+    if spec.scheduler != "fixed" and getattr(draft, "confidence_head", None) is None:
+        raise ValueError(f"SpecParams.scheduler={spec.scheduler!r} needs a draft with a confidence head "
+                         f"(this {config.kind} draft has none); use scheduler='fixed'")
+
+
+def _sps_table(spec: SpecParams, rows: int, gamma: int):
+    needed = rows * (gamma + 1) + 1
+    if spec.scheduler not in ("causal", "async"):
+        return jnp.ones((needed,), jnp.float32)
+    if spec.sps is None:
+        raise ValueError(f"SpecParams.sps is required for scheduler={spec.scheduler!r}: a rounds/s table by "
+                         "verify-batch token count (dspark_jax.spec.profile.profile_sps measures one)")
+    if len(spec.sps) < needed:
+        raise ValueError(f"SpecParams.sps has {len(spec.sps)} entries; {rows} rows × (γ+1={gamma + 1}) tokens "
+                         f"need at least {needed}")
+    return jnp.asarray(spec.sps[:needed], jnp.float32)
+
+
+def _result(reqs: _Requests, state: DecodeState, counters: SpecCounters, gamma: int, t0: float,
+            t_first: float) -> GenerateResult:
+    history, generated = jax.device_get((state.history, state.generated))
+    tokens = [history[r, len(p):len(p) + generated[r]].tolist() for r, p in enumerate(reqs.prompts)]
+    c = jax.device_get(counters)
+    rounds = max(int(c.rounds), 1)
+    end = time.perf_counter()
+    stats = SpecStats(
+        acceptance_length=float(c.committed) / rounds,
+        accept_rate_per_position=[float(a) / max(int(r), 1) for a, r in zip(c.accepted[:gamma], c.reached)],
+        survival_per_position=[float(a) / rounds for a in c.accepted[:gamma]],
+        verified_tokens=int(c.verified), committed_tokens=int(c.committed), rounds=int(c.rounds))
+    return GenerateResult(tokens=tokens, stats=stats, seconds=end - t0, decode_seconds=end - t_first)
 
 
 def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: SamplingParams | None = None,
-             spec=None, seed: int = 0, *, page_size: int = 16, prefill_chunk: int = 512) -> GenerateResult:
-    """Generate continuations for a batch of token-id prompts (different lengths welcome).
+             spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16,
+             prefill_chunk: int = 512) -> GenerateResult:
+    """Generate continuations for a batch of token-id prompts of any lengths.
 
-    draft=None decodes plainly. Request i's random stream depends only on (seed, i), so a
-    request's output does not depend on what else is in the batch.
+    draft=None decodes plainly; otherwise each round drafts `spec.block_size` tokens, schedules
+    how many to verify and verifies them losslessly. Request i's random stream depends only on
+    (seed, i) and its own progress, so its output does not depend on the rest of the batch.
     """
-    if draft is not None:
-        raise NotImplementedError("speculative decoding arrives with the drafts (dspark_jax.drafts)")
     t0 = time.perf_counter()
     sampling = sampling or SamplingParams()
-    _validate(target, prompts, max_new_tokens, margin=0)
-    reqs = _layout_requests(prompts, max_new_tokens, margin=0, page_size=page_size)
+    spec = spec or SpecParams()
+    speculative = draft is not None
+    gamma = spec.block_size if speculative else 0
+    if speculative:
+        _check_spec(draft, spec)
+    _validate(target, prompts, max_new_tokens, margin=gamma + 1)
+    reqs = _layout_requests(prompts, max_new_tokens, gamma + 1, page_size)
+    geometry = reqs.geometry
     graphdef, params = nnx.split(target)
-    caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=reqs.num_pages, page_size=page_size,
+    caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
                             dtype=target.dtype)
-    caches, last_logits, _ = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture=())
+    capture = tuple(draft.capture_layers) if speculative else ()
+    caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture)
 
     n = len(prompts)
     samp = SamplingArrays.of([sampling] * reqs.rows)
     keys = request_keys(seed, reqs.rows)
     eos_ids = jnp.asarray(target.arch.eos_token_ids, jnp.int32)
+    max_new = jnp.int32(max_new_tokens)
     lens = np.array([len(p) for p in reqs.prompts] + [0] * (reqs.rows - n), np.int32)
     logits = jnp.stack([last_logits[r] for r in range(n)] + [last_logits[0]] * (reqs.rows - n))
     first = sample(logits, samp, position_keys(keys, jnp.asarray(lens), TARGET_STREAM))
-    generated = jnp.asarray([1] * n + [0] * (reqs.rows - n), jnp.int32)
+    history = np.zeros((reqs.rows, reqs.width), np.int32)
+    for r, p in enumerate(reqs.prompts):
+        history[r, :len(p)] = p
+    history = jnp.asarray(history).at[jnp.arange(reqs.rows), jnp.asarray(lens)].set(first)
     pad = jnp.arange(reqs.rows) >= n
-    state = DecodeState(tokens=first, lens=jnp.asarray(lens), generated=generated,
-                        done=pad | _finished(first, generated, eos_ids, max_new_tokens))
-    outputs = [jnp.where(pad, -1, first)]
+    generated = jnp.where(pad, 0, 1).astype(jnp.int32)
+    is_eos = jnp.isin(first, eos_ids)
+    state = DecodeState(anchors=first, lens=jnp.asarray(lens), generated=generated,
+                        done=pad | is_eos | (generated >= max_new), rounds=jnp.zeros((reqs.rows,), jnp.int32),
+                        history=history)
+    counters = SpecCounters.zeros(max(gamma, 1))
     t_first = time.perf_counter()
 
-    steps, max_len = 0, int(lens.max())
-    while steps < max_new_tokens - 1:
-        if steps % 8 == 0 and bool(jnp.all(state.done)):
-            break
-        max_len += 1
-        pages = bucket(pages_for(max_len, page_size), maximum=reqs.page_table.shape[1])
-        state, caches, out = _decode_step(
-            graphdef, params, caches, state, jnp.asarray(reqs.page_table[:, :pages]), samp, keys, eos_ids,
-            jnp.int32(max_new_tokens), page_size=page_size, num_slots=reqs.num_slots)
-        outputs.append(out)
-        steps += 1
+    if not speculative:
+        max_len = int(lens.max())
+        for step in range(max_new_tokens - 1):
+            if step % 8 == 0 and bool(jnp.all(state.done)):
+                break
+            max_len += 1
+            pages = bucket(pages_for(max_len, page_size), maximum=reqs.page_table.shape[1])
+            state, counters, caches = _decode_step(graphdef, params, caches, state, counters,
+                                                   jnp.asarray(reqs.page_table[:, :pages]), samp, keys, eos_ids,
+                                                   max_new, geometry=geometry)
+        return _result(reqs, state, counters, gamma, t0, t_first)
 
-    table = np.stack(jax.device_get(outputs), axis=1)[:n]
-    tokens = [[int(t) for t in row if t >= 0] for row in table]
-    committed = sum(len(t) for t in tokens)
-    end = time.perf_counter()
-    stats = SpecStats(acceptance_length=1.0, accept_rate_per_position=[], survival_per_position=[],
-                      verified_tokens=committed - n, committed_tokens=committed - n, rounds=steps)
-    return GenerateResult(tokens=tokens, stats=stats, seconds=end - t0, decode_seconds=end - t_first)
+    draft_graphdef, draft_params = nnx.split(draft)
+    graphdefs, all_params = (graphdef, draft_graphdef), (params, draft_params)
+    dstate = draft.init_state(rows=reqs.rows, num_pages=geometry.num_pages, page_size=page_size, dtype=target.dtype)
+    first_host = np.asarray(first)
+    for chunk in chunks:
+        pages = bucket(pages_for(int((chunk.start + chunk.q_lens).max()), page_size),
+                       maximum=reqs.page_table.shape[1])
+        dstate = _draft_ingest_prefill(graphdefs, all_params, dstate, chunk.features, jnp.asarray(chunk.tokens),
+                                       jnp.asarray(_boundary_tokens(reqs, chunk, first_host)),
+                                       jnp.asarray(reqs.page_table[:, :pages]), jnp.asarray(chunk.start),
+                                       jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())),
+                                       geometry=geometry)
+    shape = _RoundShape(gamma=gamma, scheduler=spec.scheduler, threshold=spec.threshold, geometry=geometry)
+    sps = _sps_table(spec, reqs.rows, gamma)
+    full_budget = bucket(reqs.rows * (gamma + 1), minimum=16)
+    capacities = []  # async: the capacity each launched round computed, read two rounds later
+    max_len = int(lens.max())
+    for step in range(max_new_tokens):
+        if step % 4 == 0:
+            done, longest = jax.device_get((jnp.all(state.done), jnp.max(state.lens)))
+            if done:
+                break
+            max_len = int(longest)
+        max_len += gamma + 1
+        pages = bucket(pages_for(max_len + 1, page_size), maximum=reqs.page_table.shape[1])
+        table = jnp.asarray(reqs.page_table[:, :pages])
+        if spec.scheduler in ("fixed", "async"):
+            capacity = capacities[-2] if len(capacities) >= 2 else jnp.int32(reqs.rows * gamma)
+            budget = full_budget
+            if spec.scheduler == "async":
+                budget = bucket(reqs.rows + int(capacity), minimum=16, maximum=full_budget)
+            state, counters, caches, dstate, next_capacity = _spec_round(
+                graphdefs, all_params, caches, dstate, state, counters, table, samp, keys, eos_ids, max_new, sps,
+                capacity, shape=shape, budget=budget)
+            capacities = (capacities + [next_capacity])[-2:]
+        else:
+            proposal, lengths, total, dstate = _spec_draft(graphdefs, all_params, dstate, state, table, samp, keys,
+                                                           sps, shape=shape)
+            budget = bucket(int(total), minimum=16)
+            state, counters, caches, dstate = _spec_verify(
+                graphdefs, all_params, caches, dstate, state, counters, proposal, lengths, table, samp, keys, eos_ids,
+                max_new, shape=shape, budget=budget)
+    return _result(reqs, state, counters, gamma, t0, t_first)
