@@ -52,6 +52,8 @@ class Eagle3Draft(nnx.Module):
             raise ValueError(f"Eagle3 drafts support Llama-family targets, not {type(target_arch).__name__}")
         if not config.target_layer_ids:
             raise ValueError("DraftConfig.target_layer_ids is empty; Eagle3 needs target layers to read")
+        if config.num_layers != 1:
+            raise ValueError(f"DraftConfig.num_layers={config.num_layers}; Eagle3 drafts have exactly 1 layer")
         self.config = config
         hidden = target_arch.hidden_size
         self.layer_arch = dataclasses.replace(
