@@ -17,14 +17,13 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from dspark_jax.checkpoint.hf import CheckpointError
 
-# The GPT-2 split, which the byte-level pre-tokenizer applies when `use_regex=True`.
+# No split of our own: the byte-level step's regex (`use_regex=True`) is GPT-2's.
 _GPT2 = ()
-# llama.cpp isolates every numeric character first (`\p{N}`), then applies the GPT-2 split; the
-# vocabularies of these families hold no multi-digit tokens, so numbers go digit by digit.
+# Every numeric character (`\p{N}`) on its own first, then the GPT-2 split: numbers go digit by digit.
 _DIGITS_THEN_GPT2 = (pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),)
 
 # llama.cpp's `tokenizer.ggml.pre` names that we rebuild, with the splits that run before the
-# byte-level step. These families share one regex in llama.cpp's llama-vocab.cpp.
+# byte-level step (the digit-isolating families share one regex list in llama.cpp's llama-vocab.cpp).
 PRE_TOKENIZERS = {
     "gpt2": _GPT2,
     "smollm": _DIGITS_THEN_GPT2,
@@ -66,8 +65,8 @@ def _pre_tokenizer(pre: str, where: str):
 
 
 def _post_processor(bos: str | None, eos: str | None, vocab: dict[str, int]):
-    """The BOS/EOS a plain `encode` adds (llama.cpp's add_bos_token / add_eos_token)."""
-    template = [t for t in (bos,) if t] + ["$A"] + [t for t in (eos,) if t]
+    """Puts `bos` before and `eos` after a plain `encode` (llama.cpp's add_bos_token / add_eos_token)."""
+    template = ([bos] if bos else []) + ["$A"] + ([eos] if eos else [])
     return processors.TemplateProcessing(single=template,
                                          special_tokens=[(t, vocab[t]) for t in (bos, eos) if t])
 
@@ -101,9 +100,9 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF") -> tuple[
     tokenizer.pre_tokenizer = _pre_tokenizer(_required(meta, gguf.Keys.Tokenizer.PRE, where), where)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == CONTROL])
+                                  for t, token_type in zip(tokens, types) if token_type == CONTROL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+                          for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
 
     config: dict[str, Any] = {}
     for name, key in _SPECIAL_IDS.items():
@@ -118,10 +117,10 @@ def tokenizer_from_metadata(meta: dict[str, Any], where: str = "GGUF") -> tuple[
     for flag, name in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
         if config[flag] and name not in config:
             raise CheckpointError(f"{where}: {flag} is set but the file names no {name}")
-    if config["add_bos_token"] or config["add_eos_token"]:
-        tokenizer.post_processor = _post_processor(config.get("bos_token") if config["add_bos_token"] else None,
-                                                   config.get("eos_token") if config["add_eos_token"] else None,
-                                                   vocab)
+    added_bos = config["bos_token"] if config["add_bos_token"] else None
+    added_eos = config["eos_token"] if config["add_eos_token"] else None
+    if added_bos or added_eos:
+        tokenizer.post_processor = _post_processor(added_bos, added_eos, vocab)
     # byte-level decoding restores the text exactly; HF's space clean-up would alter it
     config["clean_up_tokenization_spaces"] = False
     if gguf.Keys.Tokenizer.CHAT_TEMPLATE in meta:
