@@ -10,6 +10,7 @@ and a test checks that the split is the only thing it changes.
 
 from __future__ import annotations
 
+import json
 import re
 
 import jinja2
@@ -166,6 +167,39 @@ def test_template_helpers_and_errors(tmp_path):
         load_tokenizer(folder)
     with pytest.raises(TokenizerError, match="expected an HF model folder or a .gguf file"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_hf_folder_variants(tmp_path):
+    """Where HF folders keep the template and special tokens: a .jinja file, named templates,
+    AddedToken dicts, and extra EOS ids in generation_config.json."""
+    path, _ = tiny_gguf(tmp_path / "tiny.gguf", chat_template=SYNTHETIC_TEMPLATE)
+    expected = load_tokenizer(path).apply_chat_template(CHATS[1])
+    folder = convert_gguf(path, tmp_path / "hf")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    template = config.pop("chat_template")
+
+    config["eos_token"] = {"content": config["eos_token"], "special": True}
+    config_path.write_text(json.dumps(config))
+    (folder / "chat_template.jinja").write_text(template)
+    tok = load_tokenizer(folder)
+    assert tok.apply_chat_template(CHATS[1]) == expected
+    # EOS plus the end-of-turn id the GGUF named, via generation_config.json
+    assert tok.eos_token_ids == (tok.backend.token_to_id("<|im_end|>"), tok.backend.token_to_id("<|endoftext|>"))
+
+    (folder / "chat_template.jinja").unlink()
+    config_path.write_text(json.dumps(config | {"chat_template": [{"name": "tool_use", "template": "x"},
+                                                                  {"name": "default", "template": template}]}))
+    assert load_tokenizer(folder).apply_chat_template(CHATS[1]) == expected
+    config_path.write_text(json.dumps(config | {"chat_template": [{"name": "tool_use", "template": "x"}]}))
+    with pytest.raises(TokenizerError, match=r"chat_template lists \['tool_use'\]; expected one named 'default'"):
+        load_tokenizer(folder)
+    config_path.write_text(json.dumps(config | {"pad_token": "<nope>"}))
+    with pytest.raises(TokenizerError, match="pad_token='<nope>' is not in the vocabulary"):
+        load_tokenizer(folder)
+    config_path.unlink()
+    with pytest.raises(TokenizerError, match=r"no tokenizer_config\.json"):
+        load_tokenizer(folder)
 
 
 def test_tokenizer_round_trips_text(tmp_path):
