@@ -72,7 +72,7 @@ class Tokenizer:
         eos = self._id("eos_token")
         self.eos_token_ids = tuple(dict.fromkeys(([eos] if eos is not None else []) + list(extra_eos_ids)))
         self.chat_template = chat_template
-        self._compiled = None
+        self._template = None if chat_template is None else chat_environment().from_string(chat_template)
 
     def _id(self, name: str) -> int | None:
         text = self.special_tokens.get(name)
@@ -96,13 +96,11 @@ class Tokenizer:
         The special-token strings (bos_token, ...) are visible to the template, as in HF; extra
         keyword arguments (tools, documents, enable_thinking, ...) are passed through.
         """
-        if self.chat_template is None:
+        if self._template is None:
             raise TokenizerError(f"{self.source}: no chat template (expected `chat_template` in "
                                  "tokenizer_config.json or a chat_template.jinja file)")
-        if self._compiled is None:
-            self._compiled = chat_environment().from_string(self.chat_template)
         context = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
-        text = self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         # the template already wrote every special token the conversation needs
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

@@ -10,6 +10,7 @@ and a test checks that the split is the only thing it changes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.checkpoint.gguf import convert_gguf
-from dspark_jax.tokenizer import TokenizerError, load_tokenizer
+from dspark_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from synthetic_gguf import tiny_gguf
 
 TEXTS = [
@@ -153,9 +154,8 @@ def test_template_helpers_and_errors(tmp_path):
     assert "And   33+3" not in text  # the loop stopped after three messages
     assert 'meta={"k": "<é&\'>", "n": [1, 2]}' in text
 
-    strftime = load_tokenizer(path)
-    strftime.chat_template = "{{ strftime_now('%Y') }}"
-    assert re.fullmatch(r"\d{4}", strftime.apply_chat_template([]))
+    dated = Tokenizer(tok.backend, tok.config, chat_template="{{ strftime_now('%Y') }}")
+    assert dated.apply_chat_template([]) == str(datetime.date.today().year)
 
     no_template, _ = tiny_gguf(tmp_path / "plain.gguf")
     with pytest.raises(TokenizerError, match="no chat template"):
