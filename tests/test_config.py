@@ -68,3 +68,26 @@ def test_config_file_without_config(tmp_path):
     path.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="must define a top-level `config`"):
         load_config(path)
+
+
+@pytest.mark.parametrize("name, billions", [("qwen3_4b.py", 4.02), ("qwen3_8b.py", 8.19), ("qwen3_14b.py", 14.77)])
+def test_qwen3_configs_have_the_published_sizes(name, billions):
+    import numpy as np
+    from flax import nnx
+
+    from dspark_jax.models import abstract_target
+
+    cfg = load_config(name)
+    model = abstract_target(cfg.target.arch)
+    total = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    assert total / 1e9 == pytest.approx(billions, rel=0.005)
+    assert max(cfg.draft.target_layer_ids) < cfg.target.arch.num_layers - 1
+
+
+def test_every_config_file_loads():
+    from dspark_jax.config import CONFIG_DIR
+
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.py"))
+    assert "smollm2_dspark.py" in names
+    for name in names:
+        assert isinstance(load_config(name), Config)

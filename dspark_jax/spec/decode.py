@@ -423,6 +423,115 @@ def _result(reqs: _Requests, state: DecodeState, counters: SpecCounters, gamma: 
     return GenerateResult(tokens=tokens, stats=stats, seconds=end - t0, decode_seconds=end - t_first)
 
 
+class Session:
+    """One batch of requests on device: layout, parameters, caches and per-row state.
+
+    Built by prefilling every prompt and sampling its first token; then `plain_step()` or
+    `spec_round()` advance all live rows. `generate()` drives it; the SPS profiler reuses it.
+    """
+
+    def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling: SamplingParams, spec: SpecParams,
+                 seed: int, page_size: int, prefill_chunk: int):
+        self.t0 = time.perf_counter()
+        self.spec = spec
+        self.gamma = spec.block_size if draft is not None else 0
+        if draft is not None:
+            _check_spec(draft, spec)
+        _validate(target, prompts, max_new_tokens, margin=self.gamma + 1)
+        self.reqs = reqs = _layout_requests(prompts, max_new_tokens, self.gamma + 1, page_size)
+        self.geometry = geometry = reqs.geometry
+        graphdef, params = nnx.split(target)
+        caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
+                                dtype=target.dtype)
+        capture = tuple(draft.capture_layers) if draft is not None else ()
+        caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture)
+
+        n = len(prompts)
+        self.sampling = SamplingArrays.of([sampling] * reqs.rows)
+        self.keys = request_keys(seed, reqs.rows)
+        self.eos_ids = jnp.asarray(target.arch.eos_token_ids, jnp.int32)
+        self.max_new = jnp.int32(max_new_tokens)
+        lens = np.array([len(p) for p in reqs.prompts] + [0] * (reqs.rows - n), np.int32)
+        logits = jnp.stack([last_logits[r] for r in range(n)] + [last_logits[0]] * (reqs.rows - n))
+        first = sample(logits, self.sampling, position_keys(self.keys, jnp.asarray(lens), TARGET_STREAM))
+        history = np.zeros((reqs.rows, reqs.width), np.int32)
+        for r, p in enumerate(reqs.prompts):
+            history[r, :len(p)] = p
+        history = jnp.asarray(history).at[jnp.arange(reqs.rows), jnp.asarray(lens)].set(first)
+        pad = jnp.arange(reqs.rows) >= n
+        generated = jnp.where(pad, 0, 1).astype(jnp.int32)
+        self.state = DecodeState(anchors=first, lens=jnp.asarray(lens), generated=generated,
+                                 done=pad | jnp.isin(first, self.eos_ids) | (generated >= self.max_new),
+                                 rounds=jnp.zeros((reqs.rows,), jnp.int32), history=history)
+        self.counters = SpecCounters.zeros(max(self.gamma, 1))
+        self.caches = caches
+        self.max_len = int(lens.max())  # upper bound of any row's cache length
+
+        if draft is None:
+            self.graphdefs, self.params = graphdef, params
+        else:
+            draft_graphdef, draft_params = nnx.split(draft)
+            self.graphdefs, self.params = (graphdef, draft_graphdef), (params, draft_params)
+            self.dstate = draft.init_state(rows=reqs.rows, num_pages=geometry.num_pages, page_size=page_size,
+                                           dtype=target.dtype)
+            first_host = np.asarray(first)
+            for chunk in chunks:
+                self.dstate = _draft_ingest_prefill(
+                    self.graphdefs, self.params, self.dstate, chunk.features, jnp.asarray(chunk.tokens),
+                    jnp.asarray(_boundary_tokens(reqs, chunk, first_host)),
+                    self.page_table(int((chunk.start + chunk.q_lens).max())), jnp.asarray(chunk.start),
+                    jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())), geometry=geometry)
+            self.shape = _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
+                                     geometry=geometry)
+            self.sps = _sps_table(spec, reqs.rows, self.gamma)
+            self.full_budget = bucket(reqs.rows * (self.gamma + 1), minimum=16)
+            self.capacities = []  # async: the capacity each launched round computed, read two rounds later
+        self.t_first = time.perf_counter()
+
+    def page_table(self, length: int):
+        """The page table cut to the bucket that covers `length` tokens per row."""
+        pages = bucket(pages_for(length, self.geometry.page_size), maximum=self.reqs.page_table.shape[1])
+        return jnp.asarray(self.reqs.page_table[:, :pages])
+
+    def sync(self) -> bool:
+        """Read back whether every row is done, and tighten the length bound."""
+        done, longest = jax.device_get((jnp.all(self.state.done), jnp.max(self.state.lens)))
+        self.max_len = int(longest)
+        return bool(done)
+
+    def plain_step(self):
+        self.max_len += 1
+        self.state, self.counters, self.caches = _decode_step(
+            self.graphdefs, self.params, self.caches, self.state, self.counters, self.page_table(self.max_len),
+            self.sampling, self.keys, self.eos_ids, self.max_new, geometry=self.geometry)
+
+    def spec_round(self):
+        self.max_len += self.gamma + 1
+        table = self.page_table(self.max_len + 1)
+        if self.spec.scheduler in ("fixed", "async"):
+            capacity = self.capacities[-2] if len(self.capacities) >= 2 else jnp.int32(self.reqs.rows * self.gamma)
+            budget = self.full_budget
+            if self.spec.scheduler == "async":
+                budget = bucket(self.reqs.rows + int(capacity), minimum=16, maximum=self.full_budget)
+            self.state, self.counters, self.caches, self.dstate, next_capacity = _spec_round(
+                self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, table, self.sampling,
+                self.keys, self.eos_ids, self.max_new, self.sps, capacity, shape=self.shape, budget=budget)
+            self.capacities = (self.capacities + [next_capacity])[-2:]
+        else:
+            proposal, lengths, total, self.dstate = _spec_draft(self.graphdefs, self.params, self.dstate, self.state,
+                                                                table, self.sampling, self.keys, self.sps,
+                                                                shape=self.shape)
+            self.verify(proposal, lengths, table, budget=bucket(int(total), minimum=16))
+
+    def verify(self, proposal, lengths, table, *, budget: int):
+        self.state, self.counters, self.caches, self.dstate = _spec_verify(
+            self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, proposal, lengths, table,
+            self.sampling, self.keys, self.eos_ids, self.max_new, shape=self.shape, budget=budget)
+
+    def result(self) -> GenerateResult:
+        return _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
+
+
 def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: SamplingParams | None = None,
              spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16,
              prefill_chunk: int = 512) -> GenerateResult:
@@ -432,95 +541,16 @@ def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: Sampli
     how many to verify and verifies them losslessly. Request i's random stream depends only on
     (seed, i) and its own progress, so its output does not depend on the rest of the batch.
     """
-    t0 = time.perf_counter()
-    sampling = sampling or SamplingParams()
-    spec = spec or SpecParams()
-    speculative = draft is not None
-    gamma = spec.block_size if speculative else 0
-    if speculative:
-        _check_spec(draft, spec)
-    _validate(target, prompts, max_new_tokens, margin=gamma + 1)
-    reqs = _layout_requests(prompts, max_new_tokens, gamma + 1, page_size)
-    geometry = reqs.geometry
-    graphdef, params = nnx.split(target)
-    caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
-                            dtype=target.dtype)
-    capture = tuple(draft.capture_layers) if speculative else ()
-    caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture)
-
-    n = len(prompts)
-    samp = SamplingArrays.of([sampling] * reqs.rows)
-    keys = request_keys(seed, reqs.rows)
-    eos_ids = jnp.asarray(target.arch.eos_token_ids, jnp.int32)
-    max_new = jnp.int32(max_new_tokens)
-    lens = np.array([len(p) for p in reqs.prompts] + [0] * (reqs.rows - n), np.int32)
-    logits = jnp.stack([last_logits[r] for r in range(n)] + [last_logits[0]] * (reqs.rows - n))
-    first = sample(logits, samp, position_keys(keys, jnp.asarray(lens), TARGET_STREAM))
-    history = np.zeros((reqs.rows, reqs.width), np.int32)
-    for r, p in enumerate(reqs.prompts):
-        history[r, :len(p)] = p
-    history = jnp.asarray(history).at[jnp.arange(reqs.rows), jnp.asarray(lens)].set(first)
-    pad = jnp.arange(reqs.rows) >= n
-    generated = jnp.where(pad, 0, 1).astype(jnp.int32)
-    is_eos = jnp.isin(first, eos_ids)
-    state = DecodeState(anchors=first, lens=jnp.asarray(lens), generated=generated,
-                        done=pad | is_eos | (generated >= max_new), rounds=jnp.zeros((reqs.rows,), jnp.int32),
-                        history=history)
-    counters = SpecCounters.zeros(max(gamma, 1))
-    t_first = time.perf_counter()
-
-    if not speculative:
-        max_len = int(lens.max())
+    session = Session(target, draft, prompts, max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
+                      spec=spec or SpecParams(), seed=seed, page_size=page_size, prefill_chunk=prefill_chunk)
+    if draft is None:
         for step in range(max_new_tokens - 1):
-            if step % 8 == 0 and bool(jnp.all(state.done)):
+            if step % 8 == 0 and session.sync():
                 break
-            max_len += 1
-            pages = bucket(pages_for(max_len, page_size), maximum=reqs.page_table.shape[1])
-            state, counters, caches = _decode_step(graphdef, params, caches, state, counters,
-                                                   jnp.asarray(reqs.page_table[:, :pages]), samp, keys, eos_ids,
-                                                   max_new, geometry=geometry)
-        return _result(reqs, state, counters, gamma, t0, t_first)
-
-    draft_graphdef, draft_params = nnx.split(draft)
-    graphdefs, all_params = (graphdef, draft_graphdef), (params, draft_params)
-    dstate = draft.init_state(rows=reqs.rows, num_pages=geometry.num_pages, page_size=page_size, dtype=target.dtype)
-    first_host = np.asarray(first)
-    for chunk in chunks:
-        pages = bucket(pages_for(int((chunk.start + chunk.q_lens).max()), page_size),
-                       maximum=reqs.page_table.shape[1])
-        dstate = _draft_ingest_prefill(graphdefs, all_params, dstate, chunk.features, jnp.asarray(chunk.tokens),
-                                       jnp.asarray(_boundary_tokens(reqs, chunk, first_host)),
-                                       jnp.asarray(reqs.page_table[:, :pages]), jnp.asarray(chunk.start),
-                                       jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())),
-                                       geometry=geometry)
-    shape = _RoundShape(gamma=gamma, scheduler=spec.scheduler, threshold=spec.threshold, geometry=geometry)
-    sps = _sps_table(spec, reqs.rows, gamma)
-    full_budget = bucket(reqs.rows * (gamma + 1), minimum=16)
-    capacities = []  # async: the capacity each launched round computed, read two rounds later
-    max_len = int(lens.max())
-    for step in range(max_new_tokens):
-        if step % 4 == 0:
-            done, longest = jax.device_get((jnp.all(state.done), jnp.max(state.lens)))
-            if done:
+            session.plain_step()
+    else:
+        for step in range(max_new_tokens):
+            if step % 4 == 0 and session.sync():
                 break
-            max_len = int(longest)
-        max_len += gamma + 1
-        pages = bucket(pages_for(max_len + 1, page_size), maximum=reqs.page_table.shape[1])
-        table = jnp.asarray(reqs.page_table[:, :pages])
-        if spec.scheduler in ("fixed", "async"):
-            capacity = capacities[-2] if len(capacities) >= 2 else jnp.int32(reqs.rows * gamma)
-            budget = full_budget
-            if spec.scheduler == "async":
-                budget = bucket(reqs.rows + int(capacity), minimum=16, maximum=full_budget)
-            state, counters, caches, dstate, next_capacity = _spec_round(
-                graphdefs, all_params, caches, dstate, state, counters, table, samp, keys, eos_ids, max_new, sps,
-                capacity, shape=shape, budget=budget)
-            capacities = (capacities + [next_capacity])[-2:]
-        else:
-            proposal, lengths, total, dstate = _spec_draft(graphdefs, all_params, dstate, state, table, samp, keys,
-                                                           sps, shape=shape)
-            budget = bucket(int(total), minimum=16)
-            state, counters, caches, dstate = _spec_verify(
-                graphdefs, all_params, caches, dstate, state, counters, proposal, lengths, table, samp, keys, eos_ids,
-                max_new, shape=shape, budget=budget)
-    return _result(reqs, state, counters, gamma, t0, t_first)
+            session.spec_round()
+    return session.result()

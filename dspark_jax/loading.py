@@ -1,0 +1,38 @@
+"""Loading targets, drafts and tokenizers from paths, asset names or configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dspark_jax.checkpoint.assets import resolve_source
+from dspark_jax.checkpoint.hf import load_hf_target
+from dspark_jax.config import Config, TargetConfig
+from dspark_jax.drafts import load_draft
+from dspark_jax.models import create_target
+from dspark_jax.tokenizer import load_tokenizer
+
+__all__ = ["load_target", "load_draft", "load_tokenizer", "target_folder"]
+
+
+def target_folder(path_or_cfg) -> Path | None:
+    """The HF folder behind a target source (an asset is fetched/converted once), None for random init."""
+    if isinstance(path_or_cfg, Config):
+        path_or_cfg = path_or_cfg.target
+    if isinstance(path_or_cfg, TargetConfig):
+        return resolve_source(path_or_cfg.source) if path_or_cfg.source else None
+    return resolve_source(path_or_cfg)
+
+
+def load_target(path_or_cfg, dtype: str | None = None):
+    """A target model from an HF folder, a .gguf file, an asset name, a TargetConfig or a Config.
+
+    dtype defaults to the config's (or bfloat16 for a path). A config without a source builds
+    random weights of its `arch` (for benchmarks at real sizes).
+    """
+    if isinstance(path_or_cfg, Config):
+        path_or_cfg = path_or_cfg.target
+    if isinstance(path_or_cfg, TargetConfig):
+        dtype = dtype or path_or_cfg.dtype
+        if not path_or_cfg.source:
+            return create_target(path_or_cfg.arch, dtype=dtype, seed=path_or_cfg.seed)
+    return load_hf_target(target_folder(path_or_cfg), dtype=dtype or "bfloat16")
