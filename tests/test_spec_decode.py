@@ -208,8 +208,6 @@ def test_spec_params_errors(target, dspark):
     dflash = create_draft(draft_config("dflash"), target)
     with pytest.raises(ValueError, match="needs a draft with a confidence head"):
         generate(target, dflash, [[1, 2]], spec=SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS))
-    with pytest.raises(ValueError, match="SpecParams.sps is required"):
-        generate(target, dspark, [[1, 2]], spec=SpecParams(block_size=GAMMA, scheduler="causal"))
     with pytest.raises(ValueError, match="scheduler='best'"):
         SpecParams(scheduler="best")
 
@@ -264,3 +262,18 @@ def test_ngram_proposals_and_one_hot_probs(target):
     assert proposal.tokens[0, :2].tolist() == [9, 10] and int(proposal.valid[0]) == 4
     assert int(proposal.valid[1]) == 0
     np.testing.assert_array_equal(np.asarray(proposal.probs[0, 0]), np.eye(VOCAB)[9])
+
+
+def test_sps_profile_is_a_bucketed_step_curve_and_is_cached(target, dspark, tmp_path, monkeypatch):
+    from dspark_jax.spec import profile
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    table = profile.profile_sps(target, dspark, rows=4, gamma=GAMMA, repeats=2)
+    assert len(table) == 4 * (GAMMA + 1) + 1 and all(s > 0 for s in table[1:])
+    assert table[4] == table[16] and table[17] == table[20]  # buckets 16 and 32 each cost one price
+    monkeypatch.setattr(profile, "measure_round_seconds", lambda *a, **k: pytest.fail("profiled twice"))
+    assert profile.profile_sps(target, dspark, rows=4, gamma=GAMMA, repeats=2) == table
+    # generate() uses the cached table when the scheduler needs one and none is given
+    prompts = prompts_of(4, seed=71)
+    res = generate(target, dspark, prompts, max_new_tokens=8, spec=SpecParams(block_size=GAMMA, scheduler="causal"))
+    assert res.tokens == generate(target, None, prompts, max_new_tokens=8).tokens

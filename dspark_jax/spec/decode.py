@@ -401,7 +401,7 @@ def _sps_table(spec: SpecParams, rows: int, gamma: int):
         return jnp.ones((needed,), jnp.float32)
     if spec.sps is None:
         raise ValueError(f"SpecParams.sps is required for scheduler={spec.scheduler!r}: a rounds/s table by "
-                         "verify-batch token count (dspark_jax.spec.profile.profile_sps measures one)")
+                         "verify-batch token count (generate() profiles one when given none)")
     if len(spec.sps) < needed:
         raise ValueError(f"SpecParams.sps has {len(spec.sps)} entries; {rows} rows × (γ+1={gamma + 1}) tokens "
                          f"need at least {needed}")
@@ -541,8 +541,14 @@ def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: Sampli
     how many to verify and verifies them losslessly. Request i's random stream depends only on
     (seed, i) and its own progress, so its output does not depend on the rest of the batch.
     """
+    spec = spec or SpecParams()
+    if draft is not None and spec.scheduler in ("causal", "async") and spec.sps is None:
+        from dspark_jax.spec.profile import profile_sps
+
+        spec = dataclasses.replace(spec, sps=profile_sps(target, draft, rows=bucket(len(prompts)),
+                                                         gamma=spec.block_size))
     session = Session(target, draft, prompts, max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
-                      spec=spec or SpecParams(), seed=seed, page_size=page_size, prefill_chunk=prefill_chunk)
+                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk)
     if draft is None:
         for step in range(max_new_tokens - 1):
             if step % 8 == 0 and session.sync():
