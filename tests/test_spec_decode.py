@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from conftest import randomize_params
-from dspark_jax.cache import init_kv_caches, ragged_layout
+from dspark_jax.cache import ragged_layout
 from dspark_jax.checkpoint.deepspec import load_deepspec_draft, save_deepspec_draft
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft, load_draft
