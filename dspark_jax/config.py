@@ -376,9 +376,7 @@ def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) 
     cfg = namespace.get("config")
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path} must define a top-level `config` of type Config, got {type(cfg).__name__}")
-    for item in overrides:
-        cfg = override(cfg, item)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def _parse(text: str, hint: Any, where: str) -> Any:
@@ -387,12 +385,11 @@ def _parse(text: str, hint: Any, where: str) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if text.lower() in ("none", "null") and len(args) < len(typing.get_args(hint)):
             return None
-        errors = []
         for arg in args:
             try:
                 return _parse(text, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: cannot parse {text!r} as {hint}")
     if origin is Literal:
         choices = typing.get_args(hint)
@@ -422,23 +419,39 @@ def _parse(text: str, hint: Any, where: str) -> Any:
 
 def override(cfg: Any, assignment: str) -> Any:
     """Return a copy of `cfg` with the dotted field in `"a.b.c=value"` replaced."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. serve.max_batch=8")
-    dotted, text = assignment.split("=", 1)
-    return _override(cfg, dotted.strip().split("."), text.strip(), dotted.strip())
+    return apply_overrides(cfg, [assignment])
 
 
-def _override(obj: Any, parts: list[str], text: str, dotted: str) -> Any:
+def apply_overrides(cfg: Any, assignments: typing.Iterable[str]) -> Any:
+    """Apply `a.b=value` assignments together: each section is rebuilt (and validated) once, so
+    fields that must agree (heads and KV heads, say) can change in the same call."""
+    tree: dict = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected FIELD=VALUE, e.g. serve.max_batch=8")
+        dotted, text = (part.strip() for part in assignment.split("=", 1))
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {name} is set both as a value and as a section")
+        node[leaf] = (text, dotted)
+    return _rebuild(cfg, tree)
+
+
+def _rebuild(obj: Any, tree: dict) -> Any:
     names = [f.name for f in dataclasses.fields(obj)]
-    head = parts[0]
-    if head not in names:
-        raise ConfigError(f"--set {dotted}: {type(obj).__name__} has no field {head!r}; fields: {names}")
-    hint = typing.get_type_hints(type(obj))[head]
-    if len(parts) == 1:
-        value = _parse(text, hint, f"{type(obj).__name__}.{head}")
-    else:
-        child = getattr(obj, head)
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for name, sub in tree.items():
+        if name not in names:
+            raise ConfigError(f"--set: {type(obj).__name__} has no field {name!r}; fields: {names}")
+        if isinstance(sub, tuple):
+            changes[name] = _parse(sub[0], hints[name], f"{type(obj).__name__}.{name}")
+            continue
+        child = getattr(obj, name)
         if child is None or not dataclasses.is_dataclass(child):
-            raise ConfigError(f"--set {dotted}: {type(obj).__name__}.{head} is {child!r}, not a section")
-        value = _override(child, parts[1:], text, dotted)
-    return dataclasses.replace(obj, **{head: value})
+            raise ConfigError(f"--set: {type(obj).__name__}.{name} is {child!r}, not a section")
+        changes[name] = _rebuild(child, sub)
+    return dataclasses.replace(obj, **changes)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_jax.config import (Config, ConfigError, DraftConfig, LlamaArch, ServeConfig, TargetConfig, load_config,
-                               override, resolve_config_path)
+from dspark_jax.config import (Config, ConfigError, DraftConfig, LlamaArch, ServeConfig, TargetConfig, apply_overrides,
+                               load_config, override, resolve_config_path)
 
 
 def test_bare_name_resolves_against_configs_dir():
@@ -37,7 +37,7 @@ def test_nested_arch_override_and_optional():
 
 
 @pytest.mark.parametrize("assignment, message", [
-    ("serve.max_btch=8", r"ServeConfig has no field 'max_btch'; fields: \[.*'max_batch'"),
+    ("serve.max_btch=8", r"--set: ServeConfig has no field 'max_btch'; fields: \[.*'max_batch'"),
     ("spec.scheduler=greedy", r"SpecConfig.scheduler = 'greedy'; expected one of \['fixed', 'threshold', 'causal', 'async'\]"),
     ("serve.top_p=1.5", r"ServeConfig.top_p = 1.5; expected in \(0, 1\]"),
     ("serve.max_batch=many", r"ServeConfig.max_batch = 'many'; expected an integer"),
@@ -91,3 +91,9 @@ def test_every_config_file_loads():
     assert "smollm2_dspark.py" in names
     for name in names:
         assert isinstance(load_config(name), Config)
+
+
+def test_overrides_that_must_agree_apply_together():
+    cfg = Config(target=TargetConfig(arch=LlamaArch(num_heads=8, num_kv_heads=8)))
+    cfg = apply_overrides(cfg, ["target.arch.num_heads=4", "target.arch.num_kv_heads=2"])
+    assert (cfg.target.arch.num_heads, cfg.target.arch.num_kv_heads) == (4, 2)

@@ -158,26 +158,33 @@ class DSparkDraft(nnx.Module):
             features = jnp.concatenate([hidden, self.markov_head.prev_embedding(prev_tokens).astype(hidden.dtype)], -1)
         return self.confidence_head(features)
 
-    def propose(self, target, state: ContextCache, inputs: ProposeInputs):
-        hidden = self.backbone(target, state, inputs.anchors, inputs.lens, inputs.page_table, inputs.gamma)
-        base = target.logits(hidden)  # [R, γ, V] fp32
-        rows = inputs.anchors.shape[0]
-        prev = inputs.anchors
+    def sample_block(self, hidden, base, anchors, sampling, keys):
+        """The sequential stage: γ steps of Markov bias + warp + sample (+ confidence) from block outputs.
+
+        hidden [R, γ, H] and base logits [R, γ, V] come from the parallel stage; keys [R, γ].
+        Returns (tokens [R, γ], probs [R, γ, V] fp32, confidence logits [R, γ] or None).
+        """
+        rows, gamma = hidden.shape[:2]
+        prev = anchors
         rnn_state = self.markov_head.initial_state((rows,), hidden.dtype) if self.markov_head is not None else None
         tokens, probs, conf = [], [], []
-        for k in range(inputs.gamma):
+        for k in range(gamma):
             logits = base[:, k]
             if self.markov_head is not None:
                 rnn_state, bias = self.markov_head.step(rnn_state, prev, hidden[:, k])
                 logits = logits + bias
-            q = warp_probs(logits, inputs.sampling)
-            token = sample_from_probs(q, inputs.keys[:, k])
+            q = warp_probs(logits, sampling)
+            token = sample_from_probs(q, keys[:, k])
             if self.confidence_head is not None:
                 conf.append(self.confidence_logits(hidden[:, k], prev))
             tokens.append(token)
             probs.append(q)
             prev = token
-        proposal = Proposal(tokens=jnp.stack(tokens, 1), probs=jnp.stack(probs, 1),
-                            confidence_logits=jnp.stack(conf, 1) if conf else None,
-                            valid=jnp.full((rows,), inputs.gamma, jnp.int32))
-        return proposal, state
+        return jnp.stack(tokens, 1), jnp.stack(probs, 1), jnp.stack(conf, 1) if conf else None
+
+    def propose(self, target, state: ContextCache, inputs: ProposeInputs):
+        hidden = self.backbone(target, state, inputs.anchors, inputs.lens, inputs.page_table, inputs.gamma)
+        tokens, probs, conf = self.sample_block(hidden, target.logits(hidden), inputs.anchors, inputs.sampling,
+                                                inputs.keys)
+        valid = jnp.full((inputs.anchors.shape[0],), inputs.gamma, jnp.int32)
+        return Proposal(tokens=tokens, probs=probs, confidence_logits=conf, valid=valid), state

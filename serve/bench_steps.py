@@ -1,0 +1,236 @@
+"""Decode-step and speculative-round timings next to their bytes-moved floors.
+
+    python serve/bench_steps.py --out steps.json [--models smollm2,qwen3_4b] [--batches 1,32]
+                                [--round-rows 1,16,64] [--context 1024] [--smollm2-source DIR]
+
+Measures on the current device, in one process: the copy bandwidth ceiling; the plain decode step
+of each model at each batch (floor = weight bytes + KV bytes read, over that bandwidth); and, for
+the Qwen3-4B-architecture target with a 5-layer DSpark draft, a breakdown of one round — draft
+backbone, Markov loop, scheduling, verify (target pass + acceptance), commit (+ draft ingest) —
+against the whole fused round and the plain decode step at the same batch. Weights are random
+(timings depend on shapes only) unless --smollm2-source names the converted real model.
+Every time is the median of synchronised repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import dspark_jax as dj
+from dspark_jax.cache import kv_cache_bytes, ragged_layout
+from dspark_jax.config import DraftConfig, LlamaArch
+from dspark_jax.drafts import create_draft
+from dspark_jax.models import create_target
+from dspark_jax.models.attention import PagedKV
+from dspark_jax.spec.decode import Session, _commit, _round_keys, _spec_round
+from dspark_jax.spec.sampling import ACCEPT_STREAM, DRAFT_STREAM, SamplingParams, position_keys
+from dspark_jax.spec.schedule import SpecParams, schedule_prefix, survival
+from dspark_jax.spec.verify import verify
+
+SMOLLM2 = LlamaArch()  # the defaults are SmolLM2-135M's
+
+
+def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() (which must return something to block on)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device elementwise pass (read + write counted)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(256 * 2**20 // 4 * 4, np.float32))
+    double = jax.jit(lambda a: a * 2.0)
+    return 2 * x.nbytes / timed(lambda: double(x), repeats=30)
+
+
+def param_bytes(model) -> int:
+    return sum(v[...].nbytes for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def prompts_of(rows: int, context: int, vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, context).tolist() for _ in range(rows)]
+
+
+def bench_decode(name: str, target, batch: int, context: int, bandwidth: float) -> dict:
+    steps = 64
+    session = Session(target, None, prompts_of(batch, context, target.arch.vocab_size),
+                      max_new_tokens=2 * steps, sampling=SamplingParams(), spec=SpecParams(), seed=0,
+                      page_size=16, prefill_chunk=2048)
+
+    def step():
+        session.plain_step()
+        return session.state.lens
+
+    seconds = timed(step, repeats=steps)
+    kv = kv_cache_bytes(target.kv_heads_and_dims(), batch * (context + steps), target.dtype)
+    floor = (param_bytes(target) + kv) / bandwidth
+    return {"model": name, "batch": batch, "context": context, "step_ms": seconds * 1e3, "floor_ms": floor * 1e3,
+            "floor_fraction": floor / seconds, "tokens_per_s": batch / seconds}
+
+
+def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
+    """Each part of one DSpark round, timed on its own, plus the whole fused round."""
+    sps = tuple(1.0 / (1.0 + 1e-3 * b) for b in range(rows * (gamma + 1) + 1))
+    session = Session(target, draft, prompts_of(rows, context, target.arch.vocab_size),
+                      max_new_tokens=256, sampling=SamplingParams(), spec=SpecParams(block_size=gamma, sps=sps),
+                      seed=0, page_size=16, prefill_chunk=2048)
+    state, table = session.state, session.page_table(context + 256 + gamma + 1)
+    graphdefs, params, geometry = session.graphdefs, session.params, session.geometry
+    budget = session.full_budget
+
+    @jax.jit
+    def backbone(params, dstate, state):
+        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        hidden = draft.backbone(target, dstate, state.anchors, state.lens, table, gamma)
+        return hidden, target.logits(hidden)
+
+    @jax.jit
+    def markov(params, hidden, base, state):
+        _, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        keys = _round_keys(session.keys, state.rounds, DRAFT_STREAM, gamma)
+        return draft.sample_block(hidden, base, state.anchors, session.sampling, keys)
+
+    @jax.jit
+    def schedule(params, conf_logits):
+        _, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        return schedule_prefix(survival(draft.calibrated_confidence(conf_logits)), jnp.asarray(sps))
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def verify_pass(params, caches, state, tokens, probs, lengths):
+        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        layout = ragged_layout(table, state.lens, lengths + 1, num_tokens=budget, max_q_len=gamma + 1,
+                               page_size=geometry.page_size, num_slots=geometry.num_slots)
+        block = jnp.concatenate([state.anchors[:, None], tokens], axis=1)
+        attn = PagedKV(caches, layout.meta)
+        hidden, captured = target(block[layout.token_req, layout.token_slot], layout.positions, attn,
+                                  capture=draft.capture_layers)
+        logits = target.logits(hidden)
+        grid = jnp.clip(layout.meta.cu_q_lens[:-1, None] + jnp.arange(gamma + 1)[None, :], 0, budget - 1)
+        accepted, nxt = verify(logits[grid], tokens, probs, lengths,
+                               position_keys(session.keys, state.rounds, ACCEPT_STREAM), session.sampling)
+        features = jnp.concatenate([captured[i] for i in draft.capture_layers], axis=-1)
+        return accepted, nxt, features, attn.caches
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def commit(params, dstate, state, counters, tokens, accepted, nxt, lengths, features):
+        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
+        candidates = jnp.where(jnp.arange(gamma + 1)[None, :] == accepted[:, None], nxt[:, None], padded)
+        new_state, new_counters, _ = _commit(state, counters, candidates, accepted, lengths, session.eos_ids,
+                                             session.max_new)
+        layout = ragged_layout(table, state.lens, accepted + 1, num_tokens=budget, max_q_len=gamma + 1,
+                               page_size=geometry.page_size, num_slots=geometry.num_slots)
+        source = jnp.clip(layout.meta.cu_q_lens[layout.token_req] + layout.token_slot, 0, budget - 1)
+        dstate = draft.ingest(target, dstate, features[source], candidates[layout.token_req, layout.token_slot],
+                              layout)
+        return new_state, new_counters, dstate
+
+    hidden, base = backbone(params, session.dstate, state)
+    tokens, probs, conf = markov(params, hidden, base, state)
+    lengths = jnp.full((session.reqs.rows,), gamma, jnp.int32)
+    parts = {
+        "draft_backbone": timed(lambda: backbone(params, session.dstate, state)),
+        "markov_loop": timed(lambda: markov(params, hidden, base, state)),
+        "schedule": timed(lambda: schedule(params, conf)),
+    }
+    holder = {"caches": session.caches, "dstate": session.dstate}
+
+    def run_verify():
+        out = verify_pass(params, holder["caches"], state, tokens, probs, lengths)
+        holder["caches"] = out[-1]
+        return out[0]
+
+    parts["verify"] = timed(run_verify)
+    accepted, nxt, features, holder["caches"] = verify_pass(params, holder["caches"], state, tokens, probs, lengths)
+
+    def run_commit():
+        out = commit(params, holder["dstate"], state, session.counters, tokens, accepted, nxt, lengths, features)
+        holder["dstate"] = out[-1]
+        return out[0].lens
+
+    parts["commit"] = timed(run_commit)
+    session.caches, session.dstate = holder["caches"], holder["dstate"]
+
+    def run_round():
+        (session.state, session.counters, session.caches, session.dstate, _) = _spec_round(
+            graphdefs, params, session.caches, session.dstate, session.state, session.counters, table,
+            session.sampling, session.keys, session.eos_ids, session.max_new, session.sps, jnp.int32(0),
+            shape=session.shape, budget=budget)
+        return session.state.lens
+
+    whole = timed(run_round)
+    total_parts = sum(parts.values())
+    return {"rows": rows, "context": context, "gamma": gamma, "verify_tokens": budget,
+            **{f"{k}_ms": v * 1e3 for k, v in parts.items()}, "round_ms": whole * 1e3,
+            "parts_sum_ms": total_parts * 1e3,
+            "draft_and_schedule_fraction": (parts["draft_backbone"] + parts["markov_loop"] + parts["schedule"])
+            / total_parts, "markov_fraction": parts["markov_loop"] / total_parts}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="smollm2,qwen3_4b")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--round-rows", default="1,16,64")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--gamma", type=int, default=7)
+    parser.add_argument("--smollm2-source", default="", help="converted SmolLM2 folder (else random weights)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of configs/qwen3_4b.py (e.g. a smaller arch for a smoke test)")
+    args = parser.parse_args()
+
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+    results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    bandwidth = results["copy_bandwidth_GBps"] * 1e9
+    print(f"device {results['device']}, copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
+
+    qwen = dj.load_config("qwen3_4b.py", args.set)
+    models = {}
+    for name in args.models.split(","):
+        if name == "smollm2":
+            models[name] = (dj.load_target(args.smollm2_source, dtype="bfloat16") if args.smollm2_source
+                            else create_target(SMOLLM2, dtype="bfloat16"))
+        elif name == "qwen3_4b":
+            models[name] = create_target(qwen.target.arch, dtype="bfloat16")
+    results["decode"] = []
+    for name, model in models.items():
+        for batch in map(int, args.batches.split(",")):
+            row = bench_decode(name, model, batch, args.context, bandwidth)
+            results["decode"].append(row)
+            print(f"decode {name:9s} B={batch:3d} ctx={args.context}: {row['step_ms']:.3f} ms "
+                  f"(floor {row['floor_ms']:.3f} ms, {100 * row['floor_fraction']:.0f}%)", flush=True)
+
+    results["rounds"] = []
+    if "qwen3_4b" in models:
+        target = models["qwen3_4b"]
+        draft = create_draft(DraftConfig(**{**qwen.draft.__dict__, "block_size": args.gamma}), target)
+        for rows in map(int, args.round_rows.split(",")):
+            row = bench_round(target, draft, rows, args.context, args.gamma)
+            plain = next((d for d in results["decode"] if d["model"] == "qwen3_4b" and d["batch"] == rows), None)
+            row["plain_step_ms"] = plain["step_ms"] if plain else bench_decode(
+                "qwen3_4b", target, rows, args.context, bandwidth)["step_ms"]
+            results["rounds"].append(row)
+            print(json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
