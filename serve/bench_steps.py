@@ -138,7 +138,7 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
                                page_size=geometry.page_size, num_slots=geometry.num_slots)
         source = jnp.clip(layout.meta.cu_q_lens[layout.token_req] + layout.token_slot, 0, budget - 1)
         dstate = draft.ingest(target, dstate, features[source], candidates[layout.token_req, layout.token_slot],
-                              layout)
+                              layout, jnp.arange(tokens.shape[0]))
         return new_state, new_counters, dstate
 
     hidden, base = backbone(params, session.dstate, state)
@@ -183,6 +183,12 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
             / total_parts, "markov_fraction": parts["markov_loop"] / total_parts}
 
 
+def save(results: dict, path: str) -> None:
+    """Rewrite the results after every measurement, so a run cut short keeps what it measured."""
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -214,6 +220,7 @@ def main():
         for batch in map(int, args.batches.split(",")):
             row = bench_decode(name, model, batch, args.context, bandwidth)
             results["decode"].append(row)
+            save(results, args.out)
             print(f"decode {name:9s} B={batch:3d} ctx={args.context}: {row['step_ms']:.3f} ms "
                   f"(floor {row['floor_ms']:.3f} ms, {100 * row['floor_fraction']:.0f}%)", flush=True)
 
@@ -227,9 +234,9 @@ def main():
             row["plain_step_ms"] = plain["step_ms"] if plain else bench_decode(
                 "qwen3_4b", target, rows, args.context, bandwidth)["step_ms"]
             results["rounds"].append(row)
+            save(results, args.out)
             print(json.dumps(row), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save(results, args.out)
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_dspark_context_cache_matches_a_dense_computation(target, dspark):
         layout = ragged_layout(table, [start], [stop - start], num_tokens=16, max_q_len=16, page_size=4,
                                num_slots=geometry.num_slots)
         padded = jnp.zeros((16, features.shape[1])).at[:stop - start].set(features[start:stop])
-        state = dspark.ingest(target, state, padded, jnp.zeros((16,), jnp.int32), layout)
+        state = dspark.ingest(target, state, padded, jnp.zeros((16,), jnp.int32), layout, jnp.arange(1))
     paged = dspark.backbone(target, state, jnp.asarray([seq[anchor_pos]]), jnp.asarray([anchor_pos]), table, GAMMA)
 
     # dense: per layer, keys/values = [context (positions < p) ; block], all visible to the block

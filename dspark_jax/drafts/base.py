@@ -4,8 +4,9 @@ A drafter is an NNX module (parameters, if any, plus static settings) with four 
 jitted round calls:
 - `capture_layers`: target layer ids whose raw outputs it consumes (features [T, n·H]);
 - `init_state(...)`: its per-request device state (context caches etc.);
-- `ingest(target, state, features, next_tokens, layout)`: absorb committed positions — after the
-  prefill and after every verification (`next_tokens[t]` is the committed token at position t+1);
+- `ingest(target, state, features, next_tokens, layout, rows)`: absorb committed positions — after
+  the prefill and after every verification (`next_tokens[t]` is the committed token at position
+  t+1; `rows[i]` is the batch row of the layout's row i, out of range for padding);
 - `propose(target, state, inputs)`: draft γ tokens → (Proposal, state).
 """
 

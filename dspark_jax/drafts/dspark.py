@@ -126,8 +126,8 @@ class DSparkDraft(nnx.Module):
         """C = hidden_norm(fc(features)), the per-position context shared by all layers."""
         return self.hidden_norm(self.fc(features))
 
-    def ingest(self, target, state: ContextCache, features, next_tokens, layout) -> ContextCache:
-        del target, next_tokens
+    def ingest(self, target, state: ContextCache, features, next_tokens, layout, rows) -> ContextCache:
+        del target, next_tokens, rows  # the context cache is addressed through the layout's slots
         ctx = self.context(features)
         caches = []
         for layer, (k_pages, v_pages) in zip(self.layers, state.caches):

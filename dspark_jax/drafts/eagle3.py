@@ -71,14 +71,15 @@ class Eagle3Draft(nnx.Module):
                                 page_size=page_size, dtype=dtype)
         return Eagle3State(caches, jnp.zeros((rows, self.layer_arch.hidden_size), dtype))
 
-    def ingest(self, target, state: Eagle3State, features, next_tokens, layout) -> Eagle3State:
+    def ingest(self, target, state: Eagle3State, features, next_tokens, layout, rows) -> Eagle3State:
         attn = PagedKV(state.caches, layout.meta)
         out = self.layers[0](target.embed(next_tokens), self.fc(features), layout.positions, attn)
         cu = layout.meta.cu_q_lens
-        last = jnp.clip(cu[1:] - 1, 0, out.shape[0] - 1)
+        last = out[jnp.clip(cu[1:] - 1, 0, out.shape[0] - 1)].astype(state.last_hidden.dtype)
         has_entries = (cu[1:] > cu[:-1])[:, None]
-        return Eagle3State(attn.caches, jnp.where(has_entries, out[last].astype(state.last_hidden.dtype),
-                                                  state.last_hidden))
+        current = state.last_hidden[jnp.clip(rows, 0, state.last_hidden.shape[0] - 1)]
+        last_hidden = state.last_hidden.at[rows].set(jnp.where(has_entries, last, current), mode="drop")
+        return Eagle3State(attn.caches, last_hidden)
 
     def propose(self, target, state: Eagle3State, inputs: ProposeInputs):
         rows = inputs.anchors.shape[0]

@@ -49,7 +49,7 @@ class NgramDraft(nnx.Module):
     def init_state(self, *, rows: int, num_pages: int, page_size: int, dtype):
         return ()
 
-    def ingest(self, target, state, features, next_tokens, layout):
+    def ingest(self, target, state, features, next_tokens, layout, rows):
         return state
 
     def propose(self, target, state, inputs: ProposeInputs):

@@ -122,48 +122,57 @@ class _Chunk:
     """One prefill chunk, kept so the draft can ingest it once the first token is known."""
 
     tokens: np.ndarray  # [T] flat prompt tokens
-    start: np.ndarray  # [rows] cache position of each row's first chunk token
-    q_lens: np.ndarray  # [rows]
+    rows: np.ndarray  # [n] batch row of each chunk row (padding: the out-of-range row `reqs.rows`)
+    start: np.ndarray  # [n] cache position of each chunk row's first token
+    q_lens: np.ndarray  # [n]
     features: jax.Array | None  # [T, n·H] target features for the draft
 
 
 def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...]):
-    """Chunked prefill of every prompt, packed `chunk` tokens at a time over all rows.
+    """Chunked prefill of every prompt, packed `chunk` tokens at a time.
 
-    Returns (caches, {row: logits at its last prompt token}, chunks).
+    Each call holds only the rows with tokens in it (padded to a bucket), so attention never
+    spans idle rows. Returns (caches, {row: logits at its last prompt token}, chunks).
     """
     done = [0] * len(reqs.prompts)
     last_logits, chunks = {}, []
     while any(d < len(p) for d, p in zip(done, reqs.prompts)):
-        q_lens = np.zeros(reqs.rows, np.int32)
-        budget = chunk
+        pieces, budget = {}, chunk
         for r, p in enumerate(reqs.prompts):
             take = min(len(p) - done[r], budget)
-            q_lens[r] = take
-            budget -= take
-        start = np.array(done + [0] * (reqs.rows - len(done)), np.int32)
-        flat = np.concatenate([reqs.prompts[r][done[r]:done[r] + q_lens[r]] for r in range(len(reqs.prompts))])
+            if take > 0:
+                pieces[r] = p[done[r]:done[r] + take]
+                budget -= take
+        n = bucket(len(pieces))
+        rows = np.full(n, reqs.rows, np.int32)
+        rows[:len(pieces)] = list(pieces)
+        start = np.zeros(n, np.int32)
+        start[:len(pieces)] = [done[r] for r in pieces]
+        q_lens = np.zeros(n, np.int32)
+        q_lens[:len(pieces)] = [len(x) for x in pieces.values()]
+        flat = np.concatenate(list(pieces.values()))
         tokens = np.zeros(bucket(len(flat), minimum=16), np.int32)
         tokens[:len(flat)] = flat
         pages = bucket(pages_for(int((start + q_lens).max()), reqs.page_size), maximum=reqs.page_table.shape[1])
+        scratch_row = np.full((1, reqs.page_table.shape[1]), reqs.geometry.num_pages - 1, np.int32)
+        table = np.concatenate([reqs.page_table, scratch_row])[np.minimum(rows, reqs.rows)]
         logits, caches, features = _prefill_step(
-            graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(reqs.page_table[:, :pages]),
-            jnp.asarray(start), jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry,
-            capture=capture)
-        chunks.append(_Chunk(tokens, start, q_lens, features))
-        for r in range(len(reqs.prompts)):
-            done[r] += int(q_lens[r])
-            if q_lens[r] and done[r] == len(reqs.prompts[r]):
-                last_logits[r] = logits[r]
+            graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(table[:, :pages]), jnp.asarray(start),
+            jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry, capture=capture)
+        chunks.append(_Chunk(tokens, rows, start, q_lens, features))
+        for i, r in enumerate(pieces):
+            done[r] += len(pieces[r])
+            if done[r] == len(reqs.prompts[r]):
+                last_logits[r] = logits[i]
     return caches, last_logits, chunks
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "max_q_len", "geometry"), donate_argnames=("dstate",))
-def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_tokens, page_table, start, q_lens, *,
-                          max_q_len, geometry):
+def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_tokens, page_table, rows, start,
+                          q_lens, *, max_q_len, geometry):
     """Let the draft absorb one prefill chunk.
 
-    The token after each row's last chunk position is `boundary_tokens[row]`: the next prompt
+    The token after each chunk row's last position is `boundary_tokens[i]`: the next prompt
     token, or the first generated token when the prompt ends in this chunk.
     """
     target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
@@ -172,15 +181,20 @@ def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_
     following = jnp.concatenate([tokens[1:], tokens[:1]])
     is_last = layout.token_slot == q_lens[layout.token_req] - 1
     next_tokens = jnp.where(is_last, boundary_tokens[layout.token_req], following)
-    return draft.ingest(target, dstate, features, next_tokens, layout)
+    return draft.ingest(target, dstate, features, next_tokens, layout, rows)
 
 
-def _boundary_tokens(reqs: _Requests, chunk: _Chunk, first_tokens: np.ndarray) -> np.ndarray:
-    out = np.zeros(reqs.rows, np.int32)
-    for r, p in enumerate(reqs.prompts):
-        end = int(chunk.start[r] + chunk.q_lens[r])
-        out[r] = p[end] if end < len(p) else first_tokens[r]
-    return out
+def _chunk_tables(reqs: _Requests, chunk: _Chunk, first_tokens: np.ndarray):
+    """(page table rows, boundary tokens) of a chunk's rows, for the draft's prefill ingest."""
+    scratch_row = np.full((1, reqs.page_table.shape[1]), reqs.geometry.num_pages - 1, np.int32)
+    table = np.concatenate([reqs.page_table, scratch_row])[np.minimum(chunk.rows, reqs.rows)]
+    boundary = np.zeros(len(chunk.rows), np.int32)
+    for i, r in enumerate(chunk.rows):
+        if r < reqs.rows and r < len(reqs.prompts):
+            end = int(chunk.start[i] + chunk.q_lens[i])
+            prompt = reqs.prompts[r]
+            boundary[i] = prompt[end] if end < len(prompt) else first_tokens[r]
+    return table, boundary
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +355,7 @@ def _verify_and_commit(target, draft, caches, dstate, state: DecodeState, counte
     features = (jnp.concatenate([captured[i] for i in draft.capture_layers], axis=-1)[source]
                 if draft.capture_layers else None)
     next_tokens = candidates[commit_layout.token_req, commit_layout.token_slot]
-    dstate = draft.ingest(target, dstate, features, next_tokens, commit_layout)
+    dstate = draft.ingest(target, dstate, features, next_tokens, commit_layout, jnp.arange(state.anchors.shape[0]))
     return state, counters, attn.caches, dstate
 
 
@@ -476,11 +490,13 @@ class Session:
                                            dtype=target.dtype)
             first_host = np.asarray(first)
             for chunk in chunks:
+                table, boundary = _chunk_tables(reqs, chunk, first_host)
+                pages = bucket(pages_for(int((chunk.start + chunk.q_lens).max()), page_size), maximum=table.shape[1])
                 self.dstate = _draft_ingest_prefill(
                     self.graphdefs, self.params, self.dstate, chunk.features, jnp.asarray(chunk.tokens),
-                    jnp.asarray(_boundary_tokens(reqs, chunk, first_host)),
-                    self.page_table(int((chunk.start + chunk.q_lens).max())), jnp.asarray(chunk.start),
-                    jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())), geometry=geometry)
+                    jnp.asarray(boundary), jnp.asarray(table[:, :pages]), jnp.asarray(chunk.rows),
+                    jnp.asarray(chunk.start), jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())),
+                    geometry=geometry)
             self.shape = _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
                                      geometry=geometry)
             self.sps = _sps_table(spec, reqs.rows, self.gamma)
