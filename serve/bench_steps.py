@@ -96,24 +96,24 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
 
     @jax.jit
     def backbone(params, dstate, state):
-        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
         hidden = draft.backbone(target, dstate, state.anchors, state.lens, table, gamma)
         return hidden, target.logits(hidden)
 
     @jax.jit
     def markov(params, hidden, base, state):
-        _, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        _, draft = (g.merge(p) for g, p in zip(graphdefs, params))
         keys = _round_keys(session.keys, state.rounds, DRAFT_STREAM, gamma)
         return draft.sample_block(hidden, base, state.anchors, session.sampling, keys)
 
     @jax.jit
     def schedule(params, conf_logits):
-        _, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        _, draft = (g.merge(p) for g, p in zip(graphdefs, params))
         return schedule_prefix(survival(draft.calibrated_confidence(conf_logits)), jnp.asarray(sps))
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def verify_pass(params, caches, state, tokens, probs, lengths):
-        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
         layout = ragged_layout(table, state.lens, lengths + 1, num_tokens=budget, max_q_len=gamma + 1,
                                page_size=geometry.page_size, num_slots=geometry.num_slots)
         block = jnp.concatenate([state.anchors[:, None], tokens], axis=1)
@@ -129,7 +129,7 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def commit(params, dstate, state, counters, tokens, accepted, nxt, lengths, features):
-        target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
         padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
         candidates = jnp.where(jnp.arange(gamma + 1)[None, :] == accepted[:, None], nxt[:, None], padded)
         new_state, new_counters, _ = _commit(state, counters, candidates, accepted, lengths, session.eos_ids,

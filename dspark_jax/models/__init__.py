@@ -15,6 +15,36 @@ from dspark_jax.models.gemma import Gemma4ForCausalLM
 from dspark_jax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 
+class StaticGraph:
+    """An NNX GraphDef usable as a jit static argument, its hash computed once.
+
+    jit hashes static arguments on every call; for a large model's GraphDef that takes
+    milliseconds, more than a whole decode step's launch budget.
+    """
+
+    __slots__ = ("graphdef", "_hash")
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self._hash = hash(graphdef)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, StaticGraph) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef)
+
+    def merge(self, params):
+        return nnx.merge(self.graphdef, params)
+
+
+def split_static(module):
+    """(StaticGraph, params) of an NNX module, for hot jitted functions."""
+    graphdef, params = nnx.split(module)
+    return StaticGraph(graphdef), params
+
+
 def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
     """A randomly initialised target (N(0, 0.02) linears, unit norms) of the given architecture."""
     rngs = nnx.Rngs(seed)
@@ -51,13 +81,13 @@ def forward(model, tokens, layers: tuple[int, ...] = ()):
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"forward: layers {bad} out of range; the model has layers 0..{num_layers - 1}")
-    graphdef, state = nnx.split(model)
-    return _dense_forward(graphdef, state, tokens, layers)
+    graph, params = split_static(model)
+    return _dense_forward(graph, params, tokens, layers)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
-def _dense_forward(graphdef, state, tokens, layers):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graph", "layers"))
+def _dense_forward(graph, params, tokens, layers):
+    model = graph.merge(params)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     hidden, captured = model(tokens, positions, DenseCausal(positions), capture=layers)
     return model.logits(hidden), captured

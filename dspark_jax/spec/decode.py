@@ -1,6 +1,6 @@
 """Batched generation: chunked prefill, then plain decode steps or speculative rounds.
 
-Every hot path is a `jax.jit` function of (graphdefs, params, caches, state, ...) that donates the
+Every hot path is a `jax.jit` function of (graphs, params, caches, state, ...) that donates the
 caches. Shapes come in buckets (rows, tokens, pages), so a generation compiles a handful of
 programs and then replays them. A speculative round is one program — draft, schedule, verify
 the flattened ragged batch through the target, commit — except for the schedulers whose token
@@ -17,10 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
 from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
+from dspark_jax.models import split_static
 from dspark_jax.models.attention import PagedKV
 from dspark_jax.spec.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays, SamplingParams,
                                       position_keys, request_keys, sample)
@@ -107,7 +107,7 @@ def _layout_requests(prompts, max_new_tokens: int, margin: int, page_size: int) 
                    donate_argnames=("caches",))
 def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, geometry, capture):
     """Run one packed chunk of prompts; logits at each row's last chunk token, captured features."""
-    model = nnx.merge(graphdef, params)
+    model = graphdef.merge(params)
     layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
     attn = PagedKV(caches, layout.meta)
@@ -175,7 +175,7 @@ def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_
     The token after each chunk row's last position is `boundary_tokens[i]`: the next prompt
     token, or the first generated token when the prompt ends in this chunk.
     """
-    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
     following = jnp.concatenate([tokens[1:], tokens[:1]])
@@ -276,7 +276,7 @@ def _round_keys(req_keys, rounds, stream: int, width: int):
 def _decode_step(graphdef, params, caches, state: DecodeState, counters, page_table, sampling, req_keys, eos_ids,
                  max_new, *, geometry):
     """Feed each row's anchor, sample the next token. Finished rows stand still."""
-    model = nnx.merge(graphdef, params)
+    model = graphdef.merge(params)
     rows = state.anchors.shape[0]
     layout = ragged_layout(page_table, state.lens, jnp.ones((rows,), jnp.int32), num_tokens=rows, max_q_len=1,
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
@@ -366,7 +366,7 @@ _ROUND_STATIC = ("graphdefs", "shape", "budget")
 def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
                 sps, capacity, *, shape, budget):
     """One whole speculative round for schedulers whose budget is known before launch (fixed, async)."""
-    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
     capacity = jnp.minimum(capacity, budget - jnp.sum(~state.done))
     proposal, lengths, next_capacity, dstate = _draft_and_schedule(
@@ -380,7 +380,7 @@ def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
 def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys, sps, *, shape):
     """Draft and schedule; the host reads the token total to pick the verify budget."""
-    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, state, page_table, sampling, req_keys,
                                                        sps, jnp.zeros((), jnp.int32), shape)
     total = jnp.sum(jnp.where(state.done, 0, lengths + 1))
@@ -390,7 +390,7 @@ def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys
 @functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("caches", "dstate"))
 def _spec_verify(graphdefs, params, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys,
                  eos_ids, max_new, *, shape, budget):
-    target, draft = (nnx.merge(g, p) for g, p in zip(graphdefs, params))
+    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     return _verify_and_commit(target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling,
                               req_keys, eos_ids, max_new, shape, budget)
 
@@ -453,8 +453,9 @@ class Session:
             _check_spec(draft, spec)
         _validate(target, prompts, max_new_tokens, margin=self.gamma + 1)
         self.reqs = reqs = _layout_requests(prompts, max_new_tokens, self.gamma + 1, page_size)
+        self._tables = {}
         self.geometry = geometry = reqs.geometry
-        graphdef, params = nnx.split(target)
+        graphdef, params = split_static(target)
         caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
                                 dtype=target.dtype)
         capture = tuple(draft.capture_layers) if draft is not None else ()
@@ -484,7 +485,7 @@ class Session:
         if draft is None:
             self.graphdefs, self.params = graphdef, params
         else:
-            draft_graphdef, draft_params = nnx.split(draft)
+            draft_graphdef, draft_params = split_static(draft)
             self.graphdefs, self.params = (graphdef, draft_graphdef), (params, draft_params)
             self.dstate = draft.init_state(rows=reqs.rows, num_pages=geometry.num_pages, page_size=page_size,
                                            dtype=target.dtype)
@@ -505,9 +506,11 @@ class Session:
         self.t_first = time.perf_counter()
 
     def page_table(self, length: int):
-        """The page table cut to the bucket that covers `length` tokens per row."""
+        """The page table cut to the bucket that covers `length` tokens per row (kept on device)."""
         pages = bucket(pages_for(length, self.geometry.page_size), maximum=self.reqs.page_table.shape[1])
-        return jnp.asarray(self.reqs.page_table[:, :pages])
+        if pages not in self._tables:
+            self._tables[pages] = jnp.asarray(self.reqs.page_table[:, :pages])
+        return self._tables[pages]
 
     def sync(self) -> bool:
         """Read back whether every row is done, and tighten the length bound."""
