@@ -300,6 +300,7 @@ class ServeConfig(Validated):
     max_context: int = 4096
     page_size: int = 16
     prefill_chunk: int = 512
+    kernels: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # see dspark_jax.kernels
     chat: bool = True  # wrap --prompt in the tokenizer's chat template
     host: str = "127.0.0.1"
     port: int = 8000

@@ -50,7 +50,7 @@ def run_prompt(cfg: Config, prompt: str) -> dict:
     sampling = SamplingParams(temperature=cfg.serve.temperature, top_k=cfg.serve.top_k, top_p=cfg.serve.top_p)
     res = generate(target, draft, [ids], max_new_tokens=cfg.serve.max_new_tokens, sampling=sampling,
                    spec=spec_params(cfg, draft) if draft is not None else None, seed=cfg.serve.seed,
-                   page_size=cfg.serve.page_size, prefill_chunk=cfg.serve.prefill_chunk)
+                   page_size=cfg.serve.page_size, prefill_chunk=cfg.serve.prefill_chunk, kernels=cfg.serve.kernels)
     print(tokenizer.decode(res.tokens[0]), flush=True)
     new = len(res.tokens[0])
     stats = {

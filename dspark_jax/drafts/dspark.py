@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import kernels
 from dspark_jax.cache import init_kv_caches
 from dspark_jax.config import DraftConfig
 from dspark_jax.drafts.base import Proposal, ProposeInputs
@@ -24,7 +25,6 @@ from dspark_jax.models import decoder_layer
 from dspark_jax.models.attention import DraftBlock, LayerKV
 from dspark_jax.models.common import RMSNorm, linear, normal_init
 from dspark_jax.spec.sampling import sample_from_probs, warp_probs
-from pallas_kernels.ragged_paged_attention import write_kv_reference
 
 
 class MarkovHead(nnx.Module):
@@ -132,7 +132,7 @@ class DSparkDraft(nnx.Module):
         caches = []
         for layer, (k_pages, v_pages) in zip(self.layers, state.caches):
             k, v = layer.self_attn.project_kv(ctx, layout.positions)
-            caches.append(write_kv_reference(k_pages, v_pages, k, v, layout.meta.slot_mapping))
+            caches.append(kernels.write_kv(k_pages, v_pages, k, v, layout.meta.slot_mapping))
         return ContextCache(caches)
 
     def backbone(self, target, state: ContextCache, anchors, lens, page_table, gamma: int):

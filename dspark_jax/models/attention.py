@@ -14,9 +14,8 @@ import dataclasses
 
 import jax
 
+from dspark_jax import kernels
 from pallas_kernels.common import masked_attention
-from pallas_kernels.draft_block_attention import draft_block_attention_reference
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference, write_kv_reference
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -59,9 +58,9 @@ class PagedKV:
     def __call__(self, layer: int, q, k, v, *, scale: float, sliding_window: int | None = None,
                  sinks=None):
         m = self.meta
-        k_pages, v_pages = write_kv_reference(*self.caches[layer], k, v, m.slot_mapping)
+        k_pages, v_pages = kernels.write_kv(*self.caches[layer], k, v, m.slot_mapping)
         self.caches[layer] = (k_pages, v_pages)
-        return ragged_paged_attention_reference(
+        return kernels.ragged_paged_attention(
             q, k_pages, v_pages, m.page_table, m.kv_lens, m.cu_q_lens, max_q_len=m.max_q_len,
             scale=scale, sliding_window=sliding_window, sinks=sinks)
 
@@ -73,5 +72,5 @@ class DraftBlock:
         self.caches, self.page_table, self.ctx_lens = caches, page_table, ctx_lens
 
     def __call__(self, layer: int, q, k, v, *, scale: float, sliding_window: int | None = None):
-        return draft_block_attention_reference(q, k, v, *self.caches[layer], self.page_table, self.ctx_lens,
-                                               scale=scale, sliding_window=sliding_window)
+        return kernels.draft_block_attention(q, k, v, *self.caches[layer], self.page_table, self.ctx_lens,
+                                             scale=scale, sliding_window=sliding_window)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax import kernels as ops
 from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
 from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models import split_static
@@ -103,10 +104,17 @@ def _layout_requests(prompts, max_new_tokens: int, margin: int, page_size: int) 
 # prefill
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "geometry", "capture"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "geometry", "capture", "backend"),
                    donate_argnames=("caches",))
-def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, geometry, capture):
+def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, geometry, capture,
+                  backend):
     """Run one packed chunk of prompts; logits at each row's last chunk token, captured features."""
+    with ops.use(backend):
+        return _prefill_body(graphdef, params, caches, tokens, page_table, start, q_lens, max_q_len, geometry,
+                             capture)
+
+
+def _prefill_body(graphdef, params, caches, tokens, page_table, start, q_lens, max_q_len, geometry, capture):
     model = graphdef.merge(params)
     layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
@@ -128,7 +136,7 @@ class _Chunk:
     features: jax.Array | None  # [T, n·H] target features for the draft
 
 
-def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...]):
+def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...], backend: str):
     """Chunked prefill of every prompt, packed `chunk` tokens at a time.
 
     Each call holds only the rows with tokens in it (padded to a bucket), so attention never
@@ -158,7 +166,8 @@ def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tup
         table = np.concatenate([reqs.page_table, scratch_row])[np.minimum(rows, reqs.rows)]
         logits, caches, features = _prefill_step(
             graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(table[:, :pages]), jnp.asarray(start),
-            jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry, capture=capture)
+            jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry, capture=capture,
+            backend=backend)
         chunks.append(_Chunk(tokens, rows, start, q_lens, features))
         for i, r in enumerate(pieces):
             done[r] += len(pieces[r])
@@ -167,9 +176,10 @@ def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tup
     return caches, last_logits, chunks
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "max_q_len", "geometry"), donate_argnames=("dstate",))
+@functools.partial(jax.jit, static_argnames=("graphdefs", "max_q_len", "geometry", "backend"),
+                   donate_argnames=("dstate",))
 def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_tokens, page_table, rows, start,
-                          q_lens, *, max_q_len, geometry):
+                          q_lens, *, max_q_len, geometry, backend):
     """Let the draft absorb one prefill chunk.
 
     The token after each chunk row's last position is `boundary_tokens[i]`: the next prompt
@@ -181,7 +191,8 @@ def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_
     following = jnp.concatenate([tokens[1:], tokens[:1]])
     is_last = layout.token_slot == q_lens[layout.token_req] - 1
     next_tokens = jnp.where(is_last, boundary_tokens[layout.token_req], following)
-    return draft.ingest(target, dstate, features, next_tokens, layout, rows)
+    with ops.use(backend):
+        return draft.ingest(target, dstate, features, next_tokens, layout, rows)
 
 
 def _chunk_tables(reqs: _Requests, chunk: _Chunk, first_tokens: np.ndarray):
@@ -272,10 +283,17 @@ def _round_keys(req_keys, rounds, stream: int, width: int):
 # plain decode
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "geometry"), donate_argnames=("caches",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "geometry", "backend"), donate_argnames=("caches",))
 def _decode_step(graphdef, params, caches, state: DecodeState, counters, page_table, sampling, req_keys, eos_ids,
-                 max_new, *, geometry):
+                 max_new, *, geometry, backend):
     """Feed each row's anchor, sample the next token. Finished rows stand still."""
+    with ops.use(backend):
+        return _decode_body(graphdef, params, caches, state, counters, page_table, sampling, req_keys, eos_ids,
+                            max_new, geometry)
+
+
+def _decode_body(graphdef, params, caches, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
+                 geometry):
     model = graphdef.merge(params)
     rows = state.anchors.shape[0]
     layout = ragged_layout(page_table, state.lens, jnp.ones((rows,), jnp.int32), num_tokens=rows, max_q_len=1,
@@ -300,6 +318,7 @@ class _RoundShape:
     scheduler: str
     threshold: float
     geometry: CacheGeometry
+    backend: str  # kernel backend (see dspark_jax.kernels)
 
 
 def _draft_and_schedule(target, draft, dstate, state: DecodeState, page_table, sampling, req_keys, sps, capacity,
@@ -366,6 +385,13 @@ _ROUND_STATIC = ("graphdefs", "shape", "budget")
 def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
                 sps, capacity, *, shape, budget):
     """One whole speculative round for schedulers whose budget is known before launch (fixed, async)."""
+    with ops.use(shape.backend):
+        return _spec_round_body(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys,
+                                eos_ids, max_new, sps, capacity, shape, budget)
+
+
+def _spec_round_body(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids,
+                     max_new, sps, capacity, shape, budget):
     target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
     capacity = jnp.minimum(capacity, budget - jnp.sum(~state.done))
@@ -381,8 +407,9 @@ def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, 
 def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys, sps, *, shape):
     """Draft and schedule; the host reads the token total to pick the verify budget."""
     target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
-    proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, state, page_table, sampling, req_keys,
-                                                       sps, jnp.zeros((), jnp.int32), shape)
+    with ops.use(shape.backend):
+        proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, state, page_table, sampling,
+                                                           req_keys, sps, jnp.zeros((), jnp.int32), shape)
     total = jnp.sum(jnp.where(state.done, 0, lengths + 1))
     return proposal, lengths, total, dstate
 
@@ -391,8 +418,9 @@ def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys
 def _spec_verify(graphdefs, params, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys,
                  eos_ids, max_new, *, shape, budget):
     target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
-    return _verify_and_commit(target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling,
-                              req_keys, eos_ids, max_new, shape, budget)
+    with ops.use(shape.backend):
+        return _verify_and_commit(target, draft, caches, dstate, state, counters, proposal, lengths, page_table,
+                                  sampling, req_keys, eos_ids, max_new, shape, budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +473,9 @@ class Session:
     """
 
     def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling: SamplingParams, spec: SpecParams,
-                 seed: int, page_size: int, prefill_chunk: int):
+                 seed: int, page_size: int, prefill_chunk: int, backend: str = "auto"):
         self.t0 = time.perf_counter()
+        self.backend = ops.resolve(backend)
         self.spec = spec
         self.gamma = spec.block_size if draft is not None else 0
         if draft is not None:
@@ -459,7 +488,7 @@ class Session:
         caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
                                 dtype=target.dtype)
         capture = tuple(draft.capture_layers) if draft is not None else ()
-        caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture)
+        caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture, self.backend)
 
         n = len(prompts)
         self.sampling = SamplingArrays.of([sampling] * reqs.rows)
@@ -497,9 +526,9 @@ class Session:
                     self.graphdefs, self.params, self.dstate, chunk.features, jnp.asarray(chunk.tokens),
                     jnp.asarray(boundary), jnp.asarray(table[:, :pages]), jnp.asarray(chunk.rows),
                     jnp.asarray(chunk.start), jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())),
-                    geometry=geometry)
+                    geometry=geometry, backend=self.backend)
             self.shape = _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
-                                     geometry=geometry)
+                                     geometry=geometry, backend=self.backend)
             self.sps = _sps_table(spec, reqs.rows, self.gamma)
             self.full_budget = bucket(reqs.rows * (self.gamma + 1), minimum=16)
             self.capacities = []  # async: the capacity each launched round computed, read two rounds later
@@ -522,7 +551,7 @@ class Session:
         self.max_len += 1
         self.state, self.counters, self.caches = _decode_step(
             self.graphdefs, self.params, self.caches, self.state, self.counters, self.page_table(self.max_len),
-            self.sampling, self.keys, self.eos_ids, self.max_new, geometry=self.geometry)
+            self.sampling, self.keys, self.eos_ids, self.max_new, geometry=self.geometry, backend=self.backend)
 
     def spec_round(self):
         self.max_len += self.gamma + 1
@@ -552,13 +581,14 @@ class Session:
 
 
 def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: SamplingParams | None = None,
-             spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16,
-             prefill_chunk: int = 512) -> GenerateResult:
+             spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16, prefill_chunk: int = 512,
+             kernels: str = "auto") -> GenerateResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
     draft=None decodes plainly; otherwise each round drafts `spec.block_size` tokens, schedules
     how many to verify and verifies them losslessly. Request i's random stream depends only on
     (seed, i) and its own progress, so its output does not depend on the rest of the batch.
+    `kernels` picks the kernel backend ("auto", "pallas", "xla", "interpret"; see dspark_jax.kernels).
     """
     spec = spec or SpecParams()
     if draft is not None and spec.scheduler in ("causal", "async") and spec.sps is None:
@@ -567,7 +597,7 @@ def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: Sampli
         spec = dataclasses.replace(spec, sps=profile_sps(target, draft, rows=bucket(len(prompts)),
                                                          gamma=spec.block_size))
     session = Session(target, draft, prompts, max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
-                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk)
+                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk, backend=kernels)
     if draft is None:
         for step in range(max_new_tokens - 1):
             if step % 8 == 0 and session.sync():

@@ -1,0 +1,68 @@
+"""One dispatch for every kernel: the Pallas kernel on a GPU, its pure-JAX reference, or interpret mode.
+
+The backend is a trace-time choice. Jitted entry points take it as a static argument and trace
+under `use(backend)`, so compiled programs never mix backends and a new choice compiles anew:
+- "pallas": the Pallas GPU kernel where one exists, else the reference;
+- "xla": the pure-JAX references (the spec each kernel is tested against);
+- "interpret": the Pallas kernels run by the interpreter (CPU tests);
+- "auto": "pallas" on a GPU, "xla" elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+
+from pallas_kernels import draft_block_attention as _draft_block
+from pallas_kernels import ragged_paged_attention as _ragged
+
+BACKENDS = ("auto", "xla", "pallas", "interpret")
+_BACKEND = contextvars.ContextVar("dspark_kernel_backend", default="auto")
+
+
+def resolve(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r}; expected one of {list(BACKENDS)}")
+    if backend == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+@contextlib.contextmanager
+def use(backend: str):
+    """Trace the enclosed code with this kernel backend."""
+    token = _BACKEND.set(resolve(backend))
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def current() -> str:
+    return resolve(_BACKEND.get())
+
+
+def _pick(module, name: str):
+    """The kernel entry `name` of a pallas_kernels module for the current backend."""
+    backend = current()
+    kernel = getattr(module, name, None)
+    if backend == "xla" or kernel is None:
+        return getattr(module, f"{name}_reference"), {}
+    return kernel, {"interpret": backend == "interpret"}
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, **kw):
+    fn, extra = _pick(_ragged, "ragged_paged_attention")
+    return fn(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, **kw, **extra)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    fn, extra = _pick(_ragged, "write_kv")
+    return fn(k_pages, v_pages, k, v, slot_mapping, **extra)
+
+
+def draft_block_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw):
+    fn, extra = _pick(_draft_block, "draft_block_attention")
+    return fn(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw, **extra)
