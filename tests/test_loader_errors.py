@@ -75,7 +75,7 @@ def test_sharded_checkpoint_with_index(folder):
 def test_missing_config_and_unknown_model_type(tmp_path, folder):
     with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_target(tmp_path)
-    with pytest.raises(ConfigError, match=r"model_type='gpt2'; supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(ConfigError, match=r"model_type='gpt2'; supported: \['llama', 'mistral', 'qwen2', 'qwen3', 'gemma4_text'"):
         arch_from_hf_config({"model_type": "gpt2"})
 
 

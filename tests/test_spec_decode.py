@@ -277,3 +277,20 @@ def test_sps_profile_is_a_bucketed_step_curve_and_is_cached(target, dspark, tmp_
     prompts = prompts_of(4, seed=71)
     res = generate(target, dspark, prompts, max_new_tokens=8, spec=SpecParams(block_size=GAMMA, scheduler="causal"))
     assert res.tokens == generate(target, None, prompts, max_new_tokens=8).tokens
+
+
+@pytest.mark.parametrize("head", ["gated", "rnn"])
+def test_markov_head_variants_draft_losslessly(target, head):
+    draft = randomize_params(create_draft(draft_config("dspark", markov_head=head), target), seed=81)
+    prompts = prompts_of(4, seed=82)
+    res = generate(target, draft, prompts, max_new_tokens=12, spec=SpecParams(block_size=GAMMA, scheduler="causal",
+                                                                                sps=SPS))
+    assert res.tokens == generate(target, None, prompts, max_new_tokens=12).tokens
+
+
+def test_speculative_generation_does_not_recompile_in_steady_state(target, dspark, compile_counter):
+    spec = SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS)
+    generate(target, dspark, prompts_of(4, seed=91), max_new_tokens=16, spec=spec)
+    compile_counter.count = 0
+    generate(target, dspark, prompts_of(4, seed=91), max_new_tokens=16, spec=spec, seed=3)
+    assert compile_counter.count == 0
