@@ -294,3 +294,13 @@ def test_speculative_generation_does_not_recompile_in_steady_state(target, dspar
     compile_counter.count = 0
     generate(target, dspark, prompts_of(4, seed=91), max_new_tokens=16, spec=spec, seed=3)
     assert compile_counter.count == 0
+
+
+def test_a_batch_mixes_greedy_and_sampled_requests(target, dspark):
+    prompts = prompts_of(3, seed=95)
+    mixed = [SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9), SamplingParams()]
+    res = generate(target, dspark, prompts, max_new_tokens=12, sampling=mixed, spec=SpecParams(block_size=GAMMA))
+    greedy = generate(target, None, prompts, max_new_tokens=12)
+    assert res.tokens[0] == greedy.tokens[0] and res.tokens[2] == greedy.tokens[2]
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        generate(target, None, prompts, sampling=mixed[:2])

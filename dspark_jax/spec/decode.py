@@ -472,8 +472,8 @@ class Session:
     `spec_round()` advance all live rows. `generate()` drives it; the SPS profiler reuses it.
     """
 
-    def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling: SamplingParams, spec: SpecParams,
-                 seed: int, page_size: int, prefill_chunk: int, backend: str = "auto"):
+    def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling, spec: SpecParams, seed: int,
+                 page_size: int, prefill_chunk: int, backend: str = "auto"):
         self.t0 = time.perf_counter()
         self.backend = ops.resolve(backend)
         self.spec = spec
@@ -481,6 +481,10 @@ class Session:
         if draft is not None:
             _check_spec(draft, spec)
         _validate(target, prompts, max_new_tokens, margin=self.gamma + 1)
+        per_request = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if len(per_request) != len(prompts):
+            raise ValueError(f"sampling: {len(per_request)} SamplingParams for {len(prompts)} prompts; "
+                             "pass one, or one each")
         self.reqs = reqs = _layout_requests(prompts, max_new_tokens, self.gamma + 1, page_size)
         self._tables = {}
         self.geometry = geometry = reqs.geometry
@@ -491,7 +495,7 @@ class Session:
         caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture, self.backend)
 
         n = len(prompts)
-        self.sampling = SamplingArrays.of([sampling] * reqs.rows)
+        self.sampling = SamplingArrays.of(per_request + [SamplingParams()] * (reqs.rows - n))
         self.keys = request_keys(seed, reqs.rows)
         self.eos_ids = jnp.asarray(target.arch.eos_token_ids, jnp.int32)
         self.max_new = jnp.int32(max_new_tokens)
@@ -580,14 +584,17 @@ class Session:
         return _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
 
 
-def generate(target, draft, prompts, max_new_tokens: int = 128, sampling: SamplingParams | None = None,
+def generate(target, draft, prompts, max_new_tokens: int = 128,
+             sampling: SamplingParams | list[SamplingParams] | None = None,
              spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16, prefill_chunk: int = 512,
              kernels: str = "auto") -> GenerateResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
-    draft=None decodes plainly; otherwise each round drafts `spec.block_size` tokens, schedules
-    how many to verify and verifies them losslessly. Request i's random stream depends only on
-    (seed, i) and its own progress, so its output does not depend on the rest of the batch.
+    `sampling` is one SamplingParams for all prompts or one per prompt (a batch may mix greedy and
+    sampled requests). draft=None decodes plainly; otherwise each round drafts `spec.block_size`
+    tokens, schedules how many to verify and verifies them losslessly. Request i's random stream
+    depends only on (seed, i) and its own progress, so its output does not depend on the rest of
+    the batch.
     `kernels` picks the kernel backend ("auto", "pallas", "xla", "interpret"; see dspark_jax.kernels).
     """
     spec = spec or SpecParams()
