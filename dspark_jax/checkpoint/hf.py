@@ -461,10 +461,17 @@ class _AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         if self.folder.exists():
+            # Two renames (Linux cannot swap non-empty folders atomically); put the old one back
+            # if the second fails, so the folder is never left missing.
             old = self.folder.with_name(f".{self.folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.folder, old)
-            os.replace(self.tmp, self.folder)
+            try:
+                os.replace(self.tmp, self.folder)
+            except OSError:
+                os.replace(old, self.folder)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.folder)
