@@ -161,3 +161,13 @@ def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden):
     """fp32 logits [..., V] through the output head (the embedding when tied)."""
     weight = embed_tokens.embedding[...] if lm_head is None else lm_head.kernel[...].T
     return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
+
+
+def run_layers(layers, x, positions, attn, capture: tuple[int, ...]):
+    """Apply decoder layers in order; returns (output, {layer id: raw output of that layer})."""
+    captured = {}
+    for i, layer in enumerate(layers):
+        x = layer(x, positions, attn, i)
+        if i in capture:
+            captured[i] = x
+    return x, captured

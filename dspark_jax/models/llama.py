@@ -14,7 +14,7 @@ from flax import nnx
 
 from dspark_jax.config import LlamaArch
 from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, lm_head_logits, normal_init,
-                                      rope_attention_factor, rope_inv_freq)
+                                      rope_attention_factor, rope_inv_freq, run_layers)
 
 
 class LlamaAttention(nnx.Module):
@@ -85,12 +85,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def __call__(self, tokens, positions, attn, capture: tuple[int, ...] = ()):
         """Run all layers. Returns (final-normed hidden, {layer id: raw layer output})."""
-        x = self.embed(tokens)
-        captured = {}
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, attn, i)
-            if i in capture:
-                captured[i] = x
+        x, captured = run_layers(self.layers, self.embed(tokens), positions, attn, capture)
         return self.norm(x), captured
 
     def logits(self, hidden: jax.Array) -> jax.Array:
