@@ -26,8 +26,8 @@ What a layer does (T flat tokens, residual stream of `hc_mult` parallel copies [
 One forward serves both modes through `V4Context`: whole sequences (HF's forward; `DenseCausal`
 from `models.forward` is turned into a context without state) and incremental steps over a flat
 ragged token batch with per-row decoding state (`V4State`): prefill chunks, single-token
-decode, verification chunks. Rows advance by their committed length; a step whose tokens are
-partly rejected may be rolled back as long as it wrote at most `V4State.rollback` tokens.
+decode, verification chunks. Rows advance by their committed length: a step's trailing tokens
+may be rejected (not advanced over) as long as there are at most `V4State.rollback` of them.
 
 `capture` returns each requested layer's raw output: its mHC streams flattened stream-major,
 [..., hc_mult·hidden_size] (reshape to [..., hc_mult, hidden_size] for the streams).
@@ -36,6 +36,7 @@ partly rejected may be rolled back as long as it wrote at most `V4State.rollback
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ class V4LayerState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class V4State:
-    """Decoding state of every layer; `rollback` = the most tokens a rolled-back step may have written."""
+    """Decoding state of every layer; `rollback` = the most trailing tokens of a step that may be rejected."""
 
     layers: list[V4LayerState]
     rollback: int = dataclasses.field(metadata=dict(static=True))
@@ -571,8 +572,9 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
     def init_state(self, rows: int, max_context: int, *, rollback: int = 32, dtype=None) -> V4State:
         """Empty decoding state for `rows` requests of up to `max_context` positions.
 
-        A step may later be rolled back (lengths advanced by less than its token count) only if it
-        held at most `rollback` tokens: the rings keep that many positions beyond what attention needs.
+        Up to `rollback` trailing tokens of a step may be rejected (the row then advances by fewer
+        positions than it fed): the rings keep that many positions beyond what attention needs, so
+        the rejected tokens' writes never reach a position a later query reads.
         """
         a = self.arch
         dtype = dtype or self.dtype
@@ -600,3 +602,16 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
         """Bytes of one row's decoding state sized for `context` positions (nothing is allocated)."""
         shapes = jax.eval_shape(lambda: self.init_state(1, context, rollback=rollback))
         return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "capture"), donate_argnames=("state",))
+def v4_step(graph, params, state: V4State, tokens: jax.Array, layout: V4Layout, capture: tuple[int, ...] = ()):
+    """One incremental step over a flat ragged batch (prefill chunks, decode tokens, verification).
+
+    graph/params: `models.split_static(model)`; tokens [T] at `layout`. Returns (fp32 logits [T, V]
+    at every token, the new state, {layer: output streams [T, hc·H]}). The state is donated.
+    """
+    model = graph.merge(params)
+    ctx = V4Context(layout, state)
+    hidden, captured = model(tokens, layout.positions, ctx, capture)
+    return model.logits(hidden), ctx.new_state(), captured
