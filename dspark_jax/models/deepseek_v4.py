@@ -420,10 +420,13 @@ def hc_weights(streams, fn, base, scale, *, hc: int, eps: float, hc_eps: float, 
     comb = jax.nn.softmax(comb, axis=-1) + hc_eps
     # Sinkhorn-Knopp towards a doubly stochastic matrix: columns first, then rows and columns.
     comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + hc_eps)
-    for _ in range(sinkhorn_iters - 1):
-        comb = comb / (jnp.sum(comb, axis=-1, keepdims=True) + hc_eps)
-        comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + hc_eps)
-    return pre, post, comb
+
+    def rows_then_columns(_, c):
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + hc_eps)
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + hc_eps)
+
+    # A loop, not unrolled: 20 iterations per mix site would dominate compile times.
+    return pre, post, jax.lax.fori_loop(0, sinkhorn_iters - 1, rows_then_columns, comb)
 
 
 def hc_collapse(streams: jax.Array, pre: jax.Array) -> jax.Array:
