@@ -145,12 +145,11 @@ class V4Context:
         self.layers = list(state.layers) if state is not None else None
 
     @staticmethod
-    def dense(positions: jax.Array) -> tuple["V4Context", tuple[int, int]]:
-        """A stateless context for rows of whole sequences [B, S] (positions 0..S−1 in each row)."""
-        batch, seq = positions.shape
+    def dense(batch: int, seq: int) -> "V4Context":
+        """A stateless context for `batch` rows of whole sequences, each at positions 0..seq−1."""
         layout = v4_layout(jnp.zeros((batch,), jnp.int32), jnp.full((batch,), seq, jnp.int32), jnp.arange(batch),
                            num_tokens=batch * seq, max_q_len=seq, max_len=seq)
-        return V4Context(layout, None), (batch, seq)
+        return V4Context(layout, None)
 
     def new_state(self) -> V4State:
         return V4State(self.layers, self.state.rollback)
@@ -258,7 +257,7 @@ class V4Context:
             masks.append(sel_mask[:, :, None, :])
         scores = [jnp.where(mk, s * scale, -jnp.inf) for s, mk in zip(scores, masks)]
         sink = sinks.astype(jnp.float32)[None, None, :, None]
-        top = jnp.maximum(jnp.max(jnp.concatenate(scores, axis=-1), axis=-1, keepdims=True), sink)
+        top = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores], sink)
         probs = [jnp.exp(s - top) for s in scores]
         denom = sum(jnp.sum(p, axis=-1, keepdims=True) for p in probs) + jnp.exp(sink - top)
         out = jnp.einsum("rqhk,rkd->rqhd", (probs[0] / denom).astype(keys.dtype), keys,
@@ -551,12 +550,13 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
     def __call__(self, tokens, positions, attn, capture: tuple[int, ...] = ()):
         """Run all layers. Returns (final-normed hidden, {layer id: raw output streams, flattened}).
 
-        `attn` is a `V4Context` (flat tokens [T]) or a `DenseCausal` over whole sequences [B, S]
-        (each row from position 0, no state); outputs keep the tokens' leading shape.
+        `attn` is a `V4Context` (flat tokens [T] at its layout's positions) or a `DenseCausal` over
+        whole sequences [B, S] (each row at positions 0..S−1, no state; `positions` is not read);
+        outputs keep the tokens' leading shape.
         """
         lead = tokens.shape
         if isinstance(attn, DenseCausal):
-            attn, _ = V4Context.dense(positions)
+            attn = V4Context.dense(*tokens.shape)
             tokens = tokens.reshape(-1)
         streams = self.embed_streams(tokens)
         captured = {}
@@ -571,6 +571,11 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
         """fp32 logits [..., V] from final-normed hidden states."""
         w = self.head.dense_weight(hidden.dtype)
         return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def kv_heads_and_dims(self):
+        raise NotImplementedError(
+            "DeepSeek-V4 has no paged K/V cache: it keeps its own decoding state (init_state, V4Context, "
+            "v4_step); spec.decode.generate does not drive it yet")
 
     def init_state(self, rows: int, max_context: int, *, rollback: int = 32, dtype=None) -> V4State:
         """Empty decoding state for `rows` requests of up to `max_context` positions.
