@@ -185,10 +185,11 @@ class V4Context:
 
     # -- the two services layers use
 
-    def compressed(self, layer: int, name: str, compressor: "Compressor", x: jax.Array) -> jax.Array:
-        """Entries [R, max_len // ratio, width] of each request after this step's windows complete.
+    def compressed(self, layer: int, name: str, compressor: "Compressor", x: jax.Array):
+        """(entries [N, capacity, width], row of each request [R]) after this step's windows complete.
 
-        Entry w is complete (and may be attended) for a query at position p iff w < (p+1) // ratio.
+        Request r's entry w is entries[row[r], w]; it is complete (and may be attended) for a query
+        at position p iff w < (p+1) // ratio. Callers gather what they read from the buffer itself.
         """
         m = self.layout
         ratio, width = compressor.ratio, compressor.head_dim
@@ -224,8 +225,8 @@ class V4Context:
         if self.layers is not None:
             ring = self._write_ring(getattr(self.layers[layer], src_name), proj)
             self.layers[layer] = dataclasses.replace(self.layers[layer], **{src_name: ring, entries_name: entries})
-            return entries[self._row_of(entries), :num_entries]
-        return entries
+            return entries, self._row_of(entries)
+        return entries, m.rows
 
     def attend(self, layer: int, q, kv, *, sinks, scale: float, window: int, extra=None, selected=None):
         """Softmax attention (fp32, with per-head sink logits) of q [T, H, D] over:
@@ -385,14 +386,16 @@ class Attention(nnx.Module):
         extra = selected = None
         if self.compressor is not None:
             # Both compressors advance their state every step, whether or not an entry is visible yet.
-            entries = ctx.compressed(layer, "comp", self.compressor, x)
+            entries, rows = ctx.compressed(layer, "comp", self.compressor, x)
             keys = ctx.compressed(layer, "index", self.indexer.compressor, x) if self.indexer is not None else None
-            visible = ctx.entry_mask(entries.shape[1], self.compressor.ratio)
-            if entries.shape[1] and keys is None:
-                extra = (entries, visible)
-            elif entries.shape[1]:
-                ids, ok = self.indexer.select(ctx, q_lora, x, keys, visible)
-                selected = (entries[ctx.layout.token_req[:, None], ids], ok)
+            count = min(ctx.layout.max_len // self.compressor.ratio, entries.shape[1])  # entries a query may see
+            visible = ctx.entry_mask(count, self.compressor.ratio)
+            if count and keys is None:
+                extra = (entries[rows, :count], visible)
+            elif count:
+                ids, ok = self.indexer.select(ctx, q_lora, x, keys[0][keys[1], :count], visible)
+                # Only the picked entries are read, straight from the buffer.
+                selected = (entries[rows[ctx.layout.token_req][:, None], ids], ok)
         out = ctx.attend(layer, q, kv, sinks=self.attn_sink[...], scale=self.head_dim ** -0.5, window=self.window,
                          extra=extra, selected=selected)
         # K = V carries RoPE on its tail; turning the output back by the query's angle keeps each
