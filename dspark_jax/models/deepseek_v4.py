@@ -156,7 +156,7 @@ class V4Context:
 
     # -- layout helpers
 
-    def _grid(self, x: jax.Array) -> jax.Array:
+    def grid(self, x: jax.Array) -> jax.Array:
         """Flat [T, ...] → per-request [R, Q, ...] (zeros past each request's tokens)."""
         m = self.layout
         slot = jnp.arange(m.max_q_len)
@@ -235,7 +235,7 @@ class V4Context:
         `selected` = (keys [T, k, D], mask [T, k]) per query. Returns [T, H, D] (zeros for padding)."""
         m = self.layout
         q_pos, q_valid = self._query_positions()
-        keys, key_pos = self._grid(kv), q_pos
+        keys, key_pos = self.grid(kv), q_pos
         key_ok = q_valid
         if self.layers is not None:
             ring = self.layers[layer].window
@@ -249,11 +249,11 @@ class V4Context:
         if extra is not None:
             keys = jnp.concatenate([keys, extra[0].astype(keys.dtype)], axis=1)
             mask = jnp.concatenate([mask, extra[1]], axis=2)
-        qg = self._grid(q)  # [R, Q, H, D]
+        qg = self.grid(q)  # [R, Q, H, D]
         scores = [jnp.einsum("rqhd,rkd->rqhk", qg, keys, preferred_element_type=jnp.float32)]
         masks = [mask[:, :, None, :]]
         if selected is not None:
-            sel_keys, sel_mask = self._grid(selected[0]).astype(qg.dtype), self._grid(selected[1])
+            sel_keys, sel_mask = self.grid(selected[0]).astype(qg.dtype), self.grid(selected[1])
             scores.append(jnp.einsum("rqhd,rqkd->rqhk", qg, sel_keys, preferred_element_type=jnp.float32))
             masks.append(sel_mask[:, :, None, :])
         scores = [jnp.where(mk, s * scale, -jnp.inf) for s, mk in zip(scores, masks)]
@@ -336,9 +336,9 @@ class Indexer(nnx.Module):
         q = self.wq_b(q_lora).reshape(-1, self.num_heads, self.head_dim)
         q = apply_interleaved_rope(q, m.positions, rope_inv_freq(*self.rope))
         weights = self.weights_proj(x).astype(jnp.float32) * self.num_heads ** -0.5
-        dots = jnp.einsum("rqhc,rec->rqhe", ctx._grid(q).astype(jnp.float32), keys.astype(jnp.float32),
+        dots = jnp.einsum("rqhc,rec->rqhe", ctx.grid(q).astype(jnp.float32), keys.astype(jnp.float32),
                           precision=_HIGHEST)
-        scores = jnp.einsum("rqhe,rqh->rqe", jax.nn.relu(dots) * self.head_dim ** -0.5, ctx._grid(weights),
+        scores = jnp.einsum("rqhe,rqh->rqe", jax.nn.relu(dots) * self.head_dim ** -0.5, ctx.grid(weights),
                             precision=_HIGHEST)
         scores = jnp.where(visible, scores, -jnp.inf)[m.token_req, m.token_slot]
         top, ids = jax.lax.top_k(scores, min(self.topk, keys.shape[1]))
@@ -387,13 +387,14 @@ class Attention(nnx.Module):
         if self.compressor is not None:
             # Both compressors advance their state every step, whether or not an entry is visible yet.
             entries, rows = ctx.compressed(layer, "comp", self.compressor, x)
-            keys = ctx.compressed(layer, "index", self.indexer.compressor, x) if self.indexer is not None else None
+            if self.indexer is not None:
+                keys, key_rows = ctx.compressed(layer, "index", self.indexer.compressor, x)
             count = min(ctx.layout.max_len // self.compressor.ratio, entries.shape[1])  # entries a query may see
             visible = ctx.entry_mask(count, self.compressor.ratio)
-            if count and keys is None:
+            if count and self.indexer is None:
                 extra = (entries[rows, :count], visible)
             elif count:
-                ids, ok = self.indexer.select(ctx, q_lora, x, keys[0][keys[1], :count], visible)
+                ids, ok = self.indexer.select(ctx, q_lora, x, keys[key_rows, :count], visible)
                 # Only the picked entries are read, straight from the buffer.
                 selected = (entries[rows[ctx.layout.token_req][:, None], ids], ok)
         out = ctx.attend(layer, q, kv, sinks=self.attn_sink[...], scale=self.head_dim ** -0.5, window=self.window,
