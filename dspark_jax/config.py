@@ -220,7 +220,129 @@ class Gemma4Arch(Validated):
         return self.head_dim if self.is_sliding(layer) else self.global_head_dim
 
 
-TargetArch = LlamaArch | Gemma4Arch
+V4LayerType = Literal["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+
+
+def deepseek_v4_layer_types(compress_ratios: tuple[int, ...], *, csa_ratio: int = 4,
+                            hca_ratio: int = 128) -> tuple[str, ...]:
+    """Layer kinds from the official per-layer `compress_ratios` (0 = window only)."""
+    kinds = {0: "sliding_attention", csa_ratio: "compressed_sparse_attention",
+             hca_ratio: "heavily_compressed_attention"}
+    bad = sorted({r for r in compress_ratios if r not in kinds})
+    if bad:
+        raise ConfigError(f"compress_ratios holds {bad}; expected 0, {csa_ratio} (CSA) or {hca_ratio} (HCA)")
+    return tuple(kinds[r] for r in compress_ratios)
+
+
+@dataclass(frozen=True)
+class DeepseekV4Arch(Validated):
+    """DeepSeek-V4 (HF `deepseek_v4`): hybrid window/compressed attention, mHC streams, MoE everywhere.
+
+    Each layer attends to the last `sliding_window` tokens with one shared K=V head; CSA layers
+    also attend to the `index_topk` compressed entries (one per `csa_ratio` tokens) a Lightning
+    Indexer picks, HCA layers to every compressed entry (one per `hca_ratio` tokens). The first
+    `num_hash_layers` MoE layers pick experts by a token-id table. `weight_format="fp8"` is the
+    official checkpoint layout (FP8 e4m3 linears with ue8m0 128x128 block scales, FP4 routed
+    experts with an e8m0 scale per 32), kept quantized on device; "dense" holds every weight in
+    the model dtype. The `dspark_*` fields describe the draft blocks `mtp.0..` of a DSpark
+    checkpoint (window-only V4 blocks); `dspark_block_size=0` means none are loaded.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_layers: int = 43
+    num_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    layer_types: tuple[V4LayerType, ...] = deepseek_v4_layer_types((0, 0) + (4, 128) * 20 + (4,))
+    sliding_window: int = 128
+    csa_ratio: int = 4
+    hca_ratio: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    num_hash_layers: int = 3
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    # YaRN of the compressed layers; V4 keeps cos/sin unscaled (attention_factor 1).
+    rope_scaling: RopeScaling | None = RopeScaling(kind="yarn", factor=16.0, original_max_position_embeddings=65536,
+                                                   beta_fast=32.0, beta_slow=1.0, attention_factor=1.0)
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 1048576
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = (1,)
+    weight_format: Literal["dense", "fp8"] = "fp8"
+    dspark_block_size: int = 0
+    dspark_noise_token_id: int = -1
+    dspark_target_layer_ids: tuple[int, ...] = ()
+    dspark_markov_rank: int = 0
+
+    def check(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+                     "n_routed_experts", "moe_intermediate_size", "hc_mult", "hc_sinkhorn_iters",
+                     "max_position_embeddings"):
+            self._require(getattr(self, name) > 0, name, "> 0")
+        self._require(0 < self.rope_head_dim <= min(self.head_dim, self.index_head_dim) and self.rope_head_dim % 2 == 0,
+                      "rope_head_dim", f"an even number in 2..min(head_dim, index_head_dim)="
+                      f"{min(self.head_dim, self.index_head_dim)}")
+        self._require(self.num_heads % self.o_groups == 0, "o_groups", f"a divisor of num_heads={self.num_heads}")
+        self._require(len(self.layer_types) == self.num_layers, "layer_types",
+                      f"{self.num_layers} entries (num_layers)")
+        for t in self.layer_types:
+            self._require(t in typing.get_args(V4LayerType), "layer_types", f"entries in {list(typing.get_args(V4LayerType))}")
+        self._require(self.csa_ratio >= 1, "csa_ratio", ">= 1")
+        self._require(self.hca_ratio >= 1, "hca_ratio", ">= 1")
+        self._require(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                      f"1..n_routed_experts={self.n_routed_experts}")
+        self._require(0 <= self.num_hash_layers <= self.num_layers, "num_hash_layers", f"0..num_layers={self.num_layers}")
+        self._require(self.routed_scaling_factor > 0, "routed_scaling_factor", "> 0")
+        self._require(self.swiglu_limit > 0, "swiglu_limit", "> 0")
+        self._require(self.hc_eps > 0, "hc_eps", "> 0")
+        self._require(self.rms_norm_eps > 0, "rms_norm_eps", "> 0")
+        for name in ("rope_theta", "compress_rope_theta"):
+            self._require(getattr(self, name) > 0, name, "> 0")
+        if self.rope_scaling is not None:
+            self._require(self.rope_scaling.kind == "yarn", "rope_scaling", "None or a yarn RopeScaling")
+        self._require(not self.tie_word_embeddings, "tie_word_embeddings", "false (V4 has a separate head)")
+        if self.weight_format == "fp8":
+            # FP4 experts pack two codes per byte with one scale per 32 inputs.
+            for name in ("hidden_size", "moe_intermediate_size"):
+                self._require(getattr(self, name) % 32 == 0, name, "a multiple of 32 with weight_format='fp8' "
+                              "(FP4 experts scale 32 inputs at a time)")
+        self._require(self.dspark_block_size >= 0, "dspark_block_size", ">= 0 (0 = no DSpark blocks)")
+        if self.dspark_block_size:
+            self._require(0 <= self.dspark_noise_token_id < self.vocab_size, "dspark_noise_token_id",
+                          f"a token id in [0, {self.vocab_size})")
+            self._require(len(self.dspark_target_layer_ids) >= 1 and all(
+                0 <= i < self.num_layers for i in self.dspark_target_layer_ids), "dspark_target_layer_ids",
+                f"one or more layer ids in 0..{self.num_layers - 1}")
+            self._require(self.dspark_markov_rank >= 1, "dspark_markov_rank", ">= 1")
+
+    def compress_ratio(self, layer: int) -> int:
+        """Tokens per compressed entry of a layer (0: window only)."""
+        return {"sliding_attention": 0, "compressed_sparse_attention": self.csa_ratio,
+                "heavily_compressed_attention": self.hca_ratio}[self.layer_types[layer]]
+
+    @property
+    def num_mtp_layers(self) -> int:
+        """DSpark draft blocks in the checkpoint (`mtp.0..`): one per target layer they read."""
+        return len(self.dspark_target_layer_ids) if self.dspark_block_size else 0
+
+
+TargetArch = LlamaArch | Gemma4Arch | DeepseekV4Arch
 
 
 @dataclass(frozen=True)

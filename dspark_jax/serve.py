@@ -2,6 +2,12 @@
 
 One-shot generation with the configured target and draft: prints the completion, then one JSON
 line of stats (tokens, tokens/s, accepted length when a draft is used).
+
+`--dry-run [--devices N] [--batch B] [--context C] [--device-memory GIB]` builds the model
+abstractly (shapes only: no weights, no allocation) and prints one JSON line of sizes: parameters
+(total, active per token), weight bytes, decoding-state bytes per token and per request, and
+whether weights + the state of B requests of C positions fit N devices (split evenly) of the
+given memory.
 """
 
 from __future__ import annotations
@@ -12,8 +18,13 @@ import sys
 
 import jax
 
-from dspark_jax.config import Config, ConfigError, load_config
+from dspark_jax.cache import kv_cache_bytes
+from dspark_jax.checkpoint.hf import arch_from_hf_config, read_config_json
+from dspark_jax.config import Config, ConfigError, DeepseekV4Arch, load_config
 from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
+from dspark_jax.models import abstract_target, parameter_counts
+from dspark_jax.models.common import as_dtype
+from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dspark_jax.spec.decode import generate
 from dspark_jax.spec.sampling import SamplingParams
 from dspark_jax.spec.schedule import SpecParams
@@ -26,6 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. serve.temperature=0.7 (repeatable)")
     parser.add_argument("--prompt", help="generate one completion for this text and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the model's sizes as JSON; build nothing")
+    parser.add_argument("--devices", type=int, default=1, help="dry run: devices the model is split over")
+    parser.add_argument("--batch", type=int, help="dry run: concurrent requests (default serve.max_batch)")
+    parser.add_argument("--context", type=int, help="dry run: positions per request (default serve.max_context)")
+    parser.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
+                        help="dry run: memory per device in GiB (default 80, an H100)")
     return parser.parse_args(argv)
 
 
@@ -65,10 +82,54 @@ def run_prompt(cfg: Config, prompt: str) -> dict:
     return stats
 
 
+def dry_run(cfg: Config, *, devices: int, batch: int, context: int, device_memory_gib: float) -> dict:
+    """Sizes of the configured target (and the draft blocks it carries) from shapes alone."""
+    for name, value in (("--devices", devices), ("--batch", batch), ("--context", context)):
+        if value < 1:
+            raise ConfigError(f"{name}={value}; expected >= 1")
+    if device_memory_gib <= 0:
+        raise ConfigError(f"--device-memory={device_memory_gib}; expected > 0 (GiB)")
+    folder = target_folder(cfg)
+    arch = cfg.target.arch if folder is None else arch_from_hf_config(read_config_json(folder))
+    dtype = cfg.target.dtype
+    model = abstract_target(arch, dtype=dtype)
+    counts = parameter_counts(model)
+    routed_fraction = arch.num_experts_per_tok / arch.n_routed_experts if isinstance(arch, DeepseekV4Arch) else 1.0
+    if isinstance(model, DeepseekV4ForCausalLM):
+        # The state grows by one compressed entry per ratio tokens; the windows are a fixed cost.
+        per_request = model.state_bytes(context)
+        per_token = (model.state_bytes(context + 2 ** 20) - model.state_bytes(context)) / 2 ** 20
+    else:
+        per_token = kv_cache_bytes(model.kv_heads_and_dims(), 1, as_dtype(dtype))
+        per_request = per_token * context
+    total_bytes = counts["bytes"] + counts["draft_bytes"] + batch * per_request
+    per_device = -(-total_bytes // devices)
+    memory = int(device_memory_gib * 2 ** 30)
+    return {
+        "params_total": counts["total"],
+        "params_active": round(counts["total"] - counts["routed"] * (1 - routed_fraction)),
+        "weight_bytes": counts["bytes"],
+        "kv_bytes_per_token": round(per_token),
+        "bytes_per_device": per_device,
+        "fits": per_device <= memory,
+        "params_draft": counts["draft"],
+        "draft_weight_bytes": counts["draft_bytes"],
+        "kv_bytes_per_request": per_request,
+        "devices": devices, "batch": batch, "context": context, "device_memory_bytes": memory,
+        "dtype": dtype, "arch": type(arch).__name__,
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.dry_run:
+            batch = cfg.serve.max_batch if args.batch is None else args.batch
+            context = cfg.serve.max_context if args.context is None else args.context
+            print(json.dumps(dry_run(cfg, devices=args.devices, batch=batch, context=context,
+                                     device_memory_gib=args.device_memory)), flush=True)
+            return 0
         if args.prompt is None:
             raise ConfigError("nothing to do: pass --prompt TEXT (HTTP serving is not available yet)")
         print(json.dumps(run_prompt(cfg, args.prompt)), flush=True)

@@ -18,11 +18,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from dspark_jax.config import ConfigError, Gemma4Arch, LlamaArch, RopeScaling, TargetArch, gemma4_default_layer_types
+from dspark_jax.config import (ConfigError, DeepseekV4Arch, Gemma4Arch, LlamaArch, RopeScaling, TargetArch,
+                               gemma4_default_layer_types)
 from dspark_jax.models import abstract_target
 from dspark_jax.models.common import as_dtype
 
@@ -68,8 +71,13 @@ def arch_from_hf_config(cfg: dict) -> TargetArch:
     model_type = cfg.get("model_type")
     if model_type in GEMMA4_TYPES:
         return _gemma4_arch_from_hf(cfg)
+    if model_type == "deepseek_v4":
+        from dspark_jax.checkpoint.deepseek_v4 import arch_from_config
+
+        return arch_from_config(cfg)
     if model_type not in LLAMA_TYPES:
-        raise ConfigError(f"config.json model_type={model_type!r}; supported: {list(LLAMA_TYPES + GEMMA4_TYPES)}")
+        raise ConfigError(f"config.json model_type={model_type!r}; supported: "
+                          f"{list(LLAMA_TYPES + GEMMA4_TYPES + ('deepseek_v4',))}")
     if cfg.get("use_sliding_window") or (model_type == "mistral" and cfg.get("sliding_window")):
         raise ConfigError(f"config.json: sliding-window attention for model_type={model_type!r} is not supported")
     theta, scaling = _rope_scaling_from_hf(cfg)
@@ -99,6 +107,10 @@ def arch_to_hf_config(arch: TargetArch) -> dict:
     """An HF config.json dict that transformers reads back to the same architecture."""
     if isinstance(arch, Gemma4Arch):
         return _gemma4_arch_to_hf(arch)
+    if isinstance(arch, DeepseekV4Arch):
+        from dspark_jax.checkpoint.deepseek_v4 import arch_to_config
+
+        return arch_to_config(arch)
     if not isinstance(arch, LlamaArch):
         raise ConfigError(f"cannot write config.json for {type(arch).__name__}")
     rope = {"rope_type": "default", "rope_theta": arch.rope_theta}
@@ -328,6 +340,12 @@ def hf_checkpoint_layout(cfg: dict) -> tuple[Callable[[tuple], tuple[str, bool]]
     return hf_tensor_name, lambda name: False
 
 
+# safetensors dtypes that numpy has no name for (so safe_open cannot return them): read from the
+# file's bytes and viewed through ml_dtypes.
+RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+              "F8_E8M0": ml_dtypes.float8_e8m0fnu}
+
+
 class TensorSource:
     """Lazy access to every tensor of a folder's safetensors files (index-aware)."""
 
@@ -356,8 +374,25 @@ class TensorSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
-    def get(self, name: str) -> jax.Array:
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string (F32, BF16, F8_E4M3, I8, ...)."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str) -> jax.Array | np.ndarray:
+        """The tensor; FP8/E8M0 tensors come as numpy arrays of the ml_dtypes type."""
+        dtype = self.dtype(name)
+        if dtype in RAW_DTYPES:
+            return self._raw(name, RAW_DTYPES[dtype])
         return self._handle(name).get_tensor(name)
+
+    def _raw(self, name: str, dtype) -> np.ndarray:
+        path = self.location[name]
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(header_len))[name]
+        begin, end = entry["data_offsets"]
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
+        return np.array(data).view(dtype).reshape(entry["shape"])
 
     def _handle(self, name: str):
         f = self.location[name]
@@ -422,6 +457,10 @@ def read_config_json(folder: str | Path) -> dict:
 def load_hf_target(folder: str | Path, *, dtype="bfloat16"):
     """Load an HF model folder (config.json + safetensors) as our target module."""
     cfg = read_config_json(folder)
+    if cfg.get("model_type") == "deepseek_v4":  # official names, quantized formats, stacked experts
+        from dspark_jax.checkpoint.deepseek_v4 import load_v4_target
+
+        return load_v4_target(folder, dtype=dtype)
     arch = arch_from_hf_config(cfg)
     name_of, skipped = hf_checkpoint_layout(cfg)
     dtype = as_dtype(dtype)

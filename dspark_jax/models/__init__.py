@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.config import Gemma4Arch, LlamaArch, TargetArch
+from dspark_jax.config import DeepseekV4Arch, Gemma4Arch, LlamaArch, TargetArch
 from dspark_jax.models.attention import DenseCausal
 from dspark_jax.models.common import as_dtype
+from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
 from dspark_jax.models.gemma import Gemma4ForCausalLM
 from dspark_jax.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from dspark_jax.models.quant import logical_size
 
 
 class StaticGraph:
@@ -52,6 +55,8 @@ def create_target(arch: TargetArch, *, dtype="bfloat16", seed: int = 0):
         return LlamaForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
     if isinstance(arch, Gemma4Arch):
         return Gemma4ForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
+    if isinstance(arch, DeepseekV4Arch):
+        return DeepseekV4ForCausalLM(arch, dtype=as_dtype(dtype), rngs=rngs)
     raise ValueError(f"unknown target architecture {type(arch).__name__}")
 
 
@@ -66,6 +71,29 @@ def decoder_layer(arch: TargetArch, *, dtype, rngs: nnx.Rngs):
 def abstract_target(arch: TargetArch, *, dtype="bfloat16"):
     """The target's structure with shapes only (no allocation), for loading and sizing."""
     return nnx.eval_shape(lambda: create_target(arch, dtype=dtype))
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameter and byte totals of a (possibly abstract) model.
+
+    `total`/`bytes`: the target; `draft`/`draft_bytes`: the modules under `mtp` (the draft blocks a
+    DeepSeek-V4 DSpark checkpoint carries); `routed`: routed-expert parameters, of which a token
+    uses top_k / n_experts. Packed FP4 codes count two parameters per byte; quantization scales
+    and integer tables cost bytes but hold no parameters.
+    """
+    counts = dict(total=0, bytes=0, draft=0, draft_bytes=0, routed=0)
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        names = [str(p) for p in path]
+        size, nbytes = logical_size(var, names[-1]), math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
+        if names[0] == "mtp":
+            counts["draft"] += size
+            counts["draft_bytes"] += nbytes
+            continue
+        counts["total"] += size
+        counts["bytes"] += nbytes
+        if "experts" in names and names[names.index("experts") - 1] == "ffn":
+            counts["routed"] += size
+    return counts
 
 
 def forward(model, tokens, layers: tuple[int, ...] = ()):

@@ -118,6 +118,12 @@ def rope_attention_factor(scaling: RopeScaling | None) -> float:
     return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
 
 
+def _rope_cos_sin(positions: jax.Array, inv_freq: jax.Array, attention_factor: float):
+    """fp32 cos, sin [..., 1, rot/2] (a heads axis to broadcast over) at `positions` [...]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    return (jnp.cos(freqs) * attention_factor)[..., None, :], (jnp.sin(freqs) * attention_factor)[..., None, :]
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, attention_factor: float = 1.0,
                rotary_dim: int | None = None) -> jax.Array:
     """Half-split ("rotate_half") RoPE on the first `rotary_dim` dims of x [..., heads, head_dim].
@@ -126,14 +132,30 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, atten
     """
     head_dim = x.shape[-1]
     rot = rotary_dim or head_dim
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., rot/2]
-    cos = (jnp.cos(freqs) * attention_factor)[..., None, :]
-    sin = (jnp.sin(freqs) * attention_factor)[..., None, :]
+    cos, sin = _rope_cos_sin(positions, inv_freq, attention_factor)
     x32 = x.astype(jnp.float32)
     x_rot, x_pass = x32[..., :rot], x32[..., rot:]
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
+
+
+def apply_interleaved_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *,
+                           inverse: bool = False) -> jax.Array:
+    """Interleaved RoPE on the *last* 2·len(inv_freq) dims of x [..., heads, head_dim] (DeepSeek-V4).
+
+    Channel pairs (2i, 2i+1) of that tail turn by angle position·inv_freq[i]; the leading dims pass.
+    `inverse` turns by the negative angle, undoing a rotation at the same positions. fp32 inside.
+    """
+    rot = 2 * inv_freq.shape[0]
+    cos, sin = _rope_cos_sin(positions, inv_freq, 1.0)
+    if inverse:
+        sin = -sin
+    x32 = x.astype(jnp.float32)
+    x_pass, x_rot = x32[..., :-rot], x32[..., -rot:]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1).reshape(x_rot.shape)
+    return jnp.concatenate([x_pass, rotated], axis=-1).astype(x.dtype)
 
 
 ACTIVATIONS = {

@@ -6,13 +6,16 @@ Reads one JSON request on stdin:
    "out": "/tmp/x.npz",              # where outputs go
    "inputs": [[token ids], ...],     # equal-length rows
    "hidden_layers": [1, 3],          # decoder layer ids whose raw outputs to return
-   "dtypes": ["float32", "bfloat16"]}
+   "dtypes": ["float32", "bfloat16"],
+   "int_buffers": {"tid2eid": 8}}   # optional: integer tables to randomise (name suffix -> bound)
 Creates the model from the config with every weight (parameters and saved buffers) drawn at random
 (norm weights and layer scalars around 1, matrices scaled by 1/sqrt(fan_in)) so that nothing is
 degenerate, saves it, reloads it in each dtype and writes `logits_<dtype>` [B,S,V] and
 `hidden_<layer>_<dtype>` [B,S,H] as float32; the hidden states are the raw outputs of those
-decoder layers (forward hooks, no final norm). Composite configs (e.g. "gemma4" with a
-text_config and a vision_config) work too: their causal-LM class runs on the text inputs.
+decoder layers (forward hooks, no final norm). Integer buffers named in `int_buffers` (e.g. a MoE
+hash-routing table) get distinct random values in [0, bound) along their last axis. Composite
+configs (e.g. "gemma4" with a text_config and a vision_config) work too: their causal-LM class
+runs on the text inputs.
 """
 
 import json
@@ -45,6 +48,19 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+def randomise_int_buffers(model: torch.nn.Module, bounds: dict[str, int], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            bound = next((b for suffix, b in bounds.items() if name.endswith(suffix)), None)
+            if bound is None or buf.is_floating_point():
+                continue
+            rows = buf.reshape(-1, buf.shape[-1])
+            for row in rows:
+                row.copy_(torch.randperm(bound, generator=gen)[:buf.shape[-1]])
+            buf.copy_(rows.reshape(buf.shape))
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layer list, wherever the family keeps it."""
     for path in ("model.layers", "model.language_model.layers", "language_model.layers"):
@@ -68,6 +84,7 @@ def main() -> None:
     config = transformers.AutoConfig.for_model(req["model_type"], **req["config"])
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomise(model, req.get("seed", 0))
+    randomise_int_buffers(model, req.get("int_buffers", {}), req.get("seed", 0))
     model.save_pretrained(req["model_dir"], safe_serialization=True)
 
     inputs = torch.tensor(req["inputs"], dtype=torch.long)
