@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,8 +20,6 @@ from dspark_jax.checkpoint.deepspec import save_deepspec_draft
 from dspark_jax.config import Config, DraftConfig, LlamaArch, TargetConfig, TrainConfig
 from dspark_jax.drafts import load_draft
 from dspark_jax.models import create_target
-from dspark_jax.spec.decode import generate
-from dspark_jax.spec.schedule import SpecParams
 from dspark_jax.train import loop
 from dspark_jax.train.data import Batches, TokenizedData
 from dspark_jax.train.loop import ResumeError, train
@@ -132,7 +131,7 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path, target, monkeypatch
 
 
 def test_export_then_load_gives_the_same_draft(tmp_path, target):
-    cfg = config(tmp_path, steps=2)
+    cfg = config(tmp_path, steps=2, max_length=32, min_length=32)
     trainer = Trainer(target, cfg.draft, cfg.train)
     state, _ = train(cfg, target, synthetic_data(), progress=False, trainer=trainer)
     draft = trainer.draft_module(target, state.params)
@@ -143,16 +142,24 @@ def test_export_then_load_gives_the_same_draft(tmp_path, target):
         np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
     for (path, x), (_, y) in zip(nnx.to_flat_state(state.params), nnx.to_flat_state(nnx.state(loaded, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
-    prompts = [[3, 9, 27, 4, 11], [7, 7, 1]]
-    spec = SpecParams(block_size=GAMMA)
-    a = generate(target, draft, prompts, max_new_tokens=12, spec=spec, record_rounds=True)
-    b = generate(target, loaded, prompts, max_new_tokens=12, spec=spec, record_rounds=True)
-    assert a.tokens == b.tokens
-    np.testing.assert_array_equal(a.rounds.confidence_logits, b.rounds.confidence_logits)
+    # the same outputs: hidden states, logits-based losses and confidences on the same blocks
+    from dspark_jax.train import losses
+    from dspark_jax.train.step import target_features
+
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB - 1, (2, 32)), jnp.int32)
+    loss_mask = jnp.ones((2, 32), bool)
+    features, final_hidden = target_features(target, tokens, cfg.draft.target_layer_ids)
+    plan = losses.block_plan(jax.random.split(jax.random.key(0), 2), loss_mask, 6, GAMMA, tokens)
+    outputs = [(d.training_blocks(target, features, tokens, plan["anchors"], GAMMA),
+                d.confidence_logits(d.training_blocks(target, features, tokens, plan["anchors"], GAMMA), plan["prev"]),
+                losses.dspark_sums(d, target, tokens, features, final_hidden, plan, trainer.weights))
+               for d in (draft, loaded)]
+    for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 DATA_PARALLEL = """
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, "tests")
@@ -173,6 +180,10 @@ for n in (1, 2):
     out[n] = dict(loss=float(metrics["loss"]),
                   sharded=str(trainer.batch_sharding.spec),
                   params=[np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)])
+try:
+    Trainer(target, cfg.draft, dataclasses.replace(cfg.train, batch_size=3), mesh=data_mesh())
+except ValueError as e:
+    out["error"] = str(e)
 print(json.dumps(out))
 """
 
@@ -190,6 +201,21 @@ def test_data_parallel_over_two_devices_equals_one(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     one, two = out["1"], out["2"]
     assert "data" in two["sharded"]
+    assert "batch_size=3; expected a multiple of the 2 devices" in out["error"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     for a, b in zip(one["params"], two["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_config_errors_name_the_field():
+    from dspark_jax.config import ConfigError, override
+
+    cfg = Config(target=TargetConfig(arch=ARCH))
+    for assignment, message in [("train.compute_dtype=float16", r"TrainConfig.compute_dtype = 'float16'; expected one "
+                                 r"of \['bfloat16', 'float32'\]"),
+                                ("train.min_length=48", r"TrainConfig.min_length = 48; expected a power of two >= 16"),
+                                ("train.warmup_fraction=1.0", r"TrainConfig.warmup_fraction = 1.0; expected in \[0, 1\)"),
+                                ("train.grad_accum=0", r"TrainConfig.grad_accum = 0; expected >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            override(cfg, assignment)
+    assert override(cfg, "train.text_data=a/*.txt,b/**/*.py").train.text_data == ("a/*.txt", "b/**/*.py")

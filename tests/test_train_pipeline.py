@@ -66,7 +66,7 @@ config = Config(
                       markov_rank=16, block_size=3),
     serve=ServeConfig(max_batch=4),
     train=TrainConfig(data=({str(answers)!r},), out_dir={str(run)!r}, steps=3, batch_size=2, max_length=128,
-                      min_length=64, anchors_per_sequence=8, compute_dtype="float32", checkpoint_every=2,
+                      min_length=128, anchors_per_sequence=8, compute_dtype="float32", checkpoint_every=2,
                       log_every=1, min_loss_tokens=4, holdout_fraction=0.25),
 )
 """)
@@ -88,7 +88,7 @@ config = Config(
     assert len(heldout) == 2 and all(json.loads(line)["turns"][0] in sum(PROMPTS, []) for line in heldout)
 
     assert calibrate.main(common + ["--draft", str(run / "draft"), "--prompts", str(run / "heldout_prompts.jsonl"),
-                                    "--max-new-tokens", "24"]) == 0
+                                    "--max-new-tokens", "16"]) == 0
     sts = json.loads((run / "draft" / "sts.json").read_text())
     assert len(sts["temperatures"]) == 3 and sts["rounds"] > 0 and sts["ece_after"] <= sts["ece_before"] + 1e-12
 
@@ -101,3 +101,26 @@ config = Config(
     assert len(tiny["accept_cond"]) == 3 and len(tiny["survival"]) == 3
     assert tiny["calibration"]["after_sts"]["temperatures"] == pytest.approx(sts["temperatures"])
     assert (tmp_path / "result.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plain_text_becomes_fully_supervised_windows(tmp_path, gguf):
+    from dspark_jax.config import TrainConfig
+    from dspark_jax.train.data import DataError, text_windows, tokenize
+
+    tok = load_tokenizer(gguf)
+    corpus = tmp_path / "corpus"
+    (corpus / "pkg").mkdir(parents=True)
+    texts = {"a.py": "def add(a, b):\n    return a + b\n" * 30, "pkg/b.py": "print(add(12, 345))\n" * 20}
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    expected = [tok.encode(texts[name], add_special_tokens=False) for name in sorted(texts)]
+    windows = text_windows(tok, [str(corpus / "**" / "*.py")], max_length=64, min_tokens=4, max_tokens=0)
+    assert np.concatenate(windows).tolist() == sum(expected, [])  # every token once, files in sorted order
+    assert all(len(w) <= 64 for w in windows)
+    capped = text_windows(tok, [str(corpus / "**" / "*.py")], max_length=64, min_tokens=4, max_tokens=100)
+    assert sum(map(len, capped)) == 100
+    data = tokenize(TrainConfig(text_data=(str(corpus / "*.py"),), max_length=64, min_length=16, min_loss_tokens=4),
+                    tok)
+    assert all(m.all() for m in data.masks) and np.concatenate(data.ids).tolist() == expected[0]
+    with pytest.raises(DataError, match="matches no files"):
+        text_windows(tok, [str(corpus / "*.txt")], max_length=64, min_tokens=4, max_tokens=0)

@@ -13,6 +13,7 @@ The context collects updated caches as the layers run, so a model forward stays 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +126,14 @@ class DenseDraftBlocks:
         if sliding_window is not None:
             query_pos = anchor + jnp.arange(q.shape[2])[None, None, :, None]
             mask &= key_pos > query_pos - sliding_window
-        return context_and_local_attention(q, k_ctx, v_ctx, mask, k, v, scale=scale)
+        return _rematerialised(q, k_ctx, v_ctx, mask, k, v, scale)
+
+
+def _rematerialised(q, k_ctx, v_ctx, ctx_mask, k_loc, v_loc, scale: float):
+    """context_and_local_attention whose backward pass recomputes the scores: training would
+    otherwise keep [B, N, H, γ, S] fp32 scores per layer alive until the gradient is taken."""
+    return jax.checkpoint(functools.partial(context_and_local_attention, scale=scale))(
+        q, k_ctx, v_ctx, ctx_mask, k_loc, v_loc)
 
 
 class TrainTimeTest:
@@ -153,5 +161,4 @@ class TrainTimeTest:
         k_loc = jnp.stack([c[0] for c in self.chain], axis=2)  # [B, S, s, KVH, D]
         v_loc = jnp.stack([c[1] for c in self.chain], axis=2)
         mask = jnp.broadcast_to(causal[:, :, None, :], (q.shape[0], seq, 1, seq))
-        out = context_and_local_attention(q[:, :, None], *self.base, mask, k_loc, v_loc, scale=scale)
-        return out[:, :, 0]
+        return _rematerialised(q[:, :, None], *self.base, mask, k_loc, v_loc, scale)[:, :, 0]

@@ -207,6 +207,11 @@ class Batches:
             self._epoch, self._plan = epoch, self._epoch_plan(epoch)
         return self._plan[index]
 
+    def tokens(self, step: int) -> int:
+        """Real (unpadded) tokens in step's batch."""
+        length, members = self.indices(step)
+        return int(np.minimum(self.data.lengths[members[members >= 0]], length).sum())
+
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         length, members = self.indices(step)
         tokens = np.zeros((self.group, length), np.int32)

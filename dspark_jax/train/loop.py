@@ -139,7 +139,7 @@ def train(cfg: Config, target, data: TokenizedData, *, time_limit: float | None 
             tokens, loss_mask = batches.batch(step)
             state, metrics = trainer.step(state, tokens, loss_mask, step_key(tc.seed, step))
             step += 1
-            tokens_seen += int(np.count_nonzero(tokens))
+            tokens_seen += batches.tokens(step - 1)
             if step % tc.log_every == 0 or step == tc.steps:
                 host = _host_metrics(metrics)
                 now = time.perf_counter()
