@@ -26,6 +26,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from dspark_jax.models.attention import TrainTimeTest
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
@@ -110,11 +113,6 @@ def vocab_losses(draft_logits, target_logits, rows: dict, labels, chunk_rows: in
     return {k: v.reshape(padded)[:count] for k, v in out.items()}
 
 
-def bce_with_logits(logits, targets):
-    """Binary cross-entropy of σ(logits) against soft targets in [0, 1], stable for any logit."""
-    return jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-
-
 # --------------------------------------------------------------------------------------------
 # objectives
 
@@ -154,7 +152,7 @@ def dspark_sums(draft, target, tokens, features, final_hidden, plan, weights: Lo
     conf_logits = draft.confidence_logits(hidden, plan["prev"])
     if conf_logits is not None:
         c_star = jax.lax.stop_gradient(jnp.clip(1.0 - 0.5 * stats["l1"], 0.0, 1.0))
-        stats["conf"] = bce_with_logits(conf_logits, c_star)
+        stats["conf"] = optax.losses.sigmoid_binary_cross_entropy(conf_logits, c_star)
     mask = plan["mask"].astype(jnp.float32)
     return {k: jnp.sum(v * mask, axis=(0, 1)) for k, v in stats.items()}
 
@@ -175,8 +173,6 @@ def eagle3_counts(plan) -> jax.Array:
 
 def eagle3_sums(draft, target, tokens, features, final_hidden, plan, weights: LossWeights):
     """Per-step sums [γ] of the training-time test (see the module doc and TrainTimeTest)."""
-    from dspark_jax.models.attention import TrainTimeTest
-
     batch, seq = tokens.shape
     gamma = plan["mask"].shape[-1]
     origin = jnp.arange(seq)
