@@ -91,6 +91,8 @@ config = Config(
                                     "--max-new-tokens", "16"]) == 0
     sts = json.loads((run / "draft" / "sts.json").read_text())
     assert len(sts["temperatures"]) == 3 and sts["rounds"] > 0 and sts["ece_after"] <= sts["ece_before"] + 1e-12
+    assert train_cli.main(common + ["--no-progress"]) == 0  # rerun after the end: nothing to do
+    assert json.loads((run / "draft" / "sts.json").read_text()) == sts  # the fitted temperatures stay
 
     out = tmp_path / "result.json"
     assert evaluation.main(common + ["--draft", str(run / "draft"), "--prompts", str(prompts), "--limit", "3",

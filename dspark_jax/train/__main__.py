@@ -3,7 +3,8 @@
 Trains the config's draft (dspark, dflash or eagle3) against its frozen target on train.data
 (regenerated conversations) and train.text_data, resuming from train.out_dir/checkpoints if a
 run was interrupted. When the last step is done the draft is exported to train.out_dir/draft
-(DeepSpec layout, STS temperatures 1 until `python -m dspark_jax.train.calibrate` fits them).
+(DeepSpec layout, STS temperatures 1 until `python -m dspark_jax.train.calibrate` fits them);
+a rerun after the last step leaves an existing export alone.
 Prints one JSON line: the step reached, whether training finished, and the export folder.
 """
 
@@ -45,11 +46,14 @@ def main(argv=None) -> int:
         out_dir = Path(cfg.train.out_dir)
         data = prepare(cfg.train, load_tokenizer(folder), out_dir)
         trainer = Trainer(target, cfg.draft, cfg.train)
+        export = out_dir / "draft"
+        exported_before = (export / "config.json").is_file()
         state, finished = train(cfg, target, data, time_limit=args.time_limit, progress=not args.no_progress,
                                 trainer=trainer)
-        export = None
-        if finished:
-            export = save_deepspec_draft(trainer.draft_module(target, state.params), target, out_dir / "draft")
+        if not finished:
+            export = None
+        elif not exported_before:  # a rerun after the end keeps the export (and its fitted sts.json)
+            save_deepspec_draft(trainer.draft_module(target, state.params), target, export)
         print(json.dumps({"step": int(state.step), "finished": finished, "sequences": len(data.ids),
                           "heldout_prompts": len(data.heldout), "draft": str(export) if export else None}),
               flush=True)
