@@ -17,6 +17,6 @@ config = Config(
     spec=SpecConfig(scheduler="fixed"),
     serve=ServeConfig(max_new_tokens=2048, temperature=1.0, max_batch=64, max_context=8192),
     train=TrainConfig(data=("runs/smollm2/answers",), out_dir="runs/smollm2/dspark", steps=1000, batch_size=16,
-                      grad_accum=2, max_length=2560, min_length=256, anchors_per_sequence=256, checkpoint_every=100,
+                      grad_accum=2, max_length=2560, min_length=512, anchors_per_sequence=256, checkpoint_every=50,
                       log_every=10, holdout_fraction=0.02),
 )

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,14 @@ NUM_BINS = 20
 
 # --------------------------------------------------------------------------------------------
 # prompts and rollouts
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -225,11 +234,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=0, help="prompts generated together (0 = serve.max_batch)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("eval_result.json"))
+    parser.add_argument("--out", type=Path, default=Path("eval_result.json"),
+                        help="result JSON (written after each prompt set; a rerun with the same settings resumes)")
     return parser.parse_args(argv)
 
 
 def evaluate(args) -> dict:
+    """Evaluate every prompt set, writing args.out after each; sets already in args.out from a run with
+    the same draft and settings are kept, so an interrupted evaluation resumes."""
     cfg = load_config(args.config, args.set)
     folder = target_folder(cfg)
     if folder is None:
@@ -242,21 +254,32 @@ def evaluate(args) -> dict:
     gamma = args.block_size or draft.config.block_size
     sampling = SamplingParams(temperature=args.temperature)
     temps = getattr(draft, "sts_temperatures", None)
-    results = {}
+    result = {"draft": args.draft or cfg.draft.source or cfg.draft.kind, "kind": draft.config.kind,
+              "target": cfg.target.source, "device": jax.devices()[0].device_kind,
+              "date": datetime.date.today().isoformat(),
+              "settings": {"temperature": args.temperature, "block_size": gamma,
+                           "max_new_tokens": args.max_new_tokens, "limit": args.limit, "seed": args.seed,
+                           "scheduler": "fixed", "turns": "first", "sts_temperatures": temps and list(temps)},
+              "reliability_png": None, "datasets": {}}
+    identity = ("draft", "kind", "target", "settings")
+    if args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        if all(earlier.get(k) == result[k] for k in identity):
+            result["datasets"] = earlier["datasets"]
     for name, prompts in read_prompt_sets(args.prompts, args.limit).items():
+        if name in result["datasets"]:
+            continue
         ids = [first_turn_ids(tokenizer, turns) for turns in prompts]
         log, _ = rollout(target, draft, ids, gamma=gamma, sampling=sampling, max_new_tokens=args.max_new_tokens,
                          batch=args.batch or cfg.serve.max_batch, seed=args.seed, kernels=cfg.serve.kernels)
-        results[name] = {"prompts": len(ids), **summarize(log, gamma, temps)}
-        print(json.dumps({"dataset": name, "tau": round(results[name]["tau"], 4),
-                          "rounds": results[name]["rounds"]}), flush=True)
-    plot = reliability_plot(results, args.out.with_suffix(".png"))
-    return {"draft": args.draft or cfg.draft.source or cfg.draft.kind, "kind": draft.config.kind,
-            "target": cfg.target.source, "device": jax.devices()[0].device_kind,
-            "date": datetime.date.today().isoformat(),
-            "settings": {"temperature": args.temperature, "block_size": gamma, "max_new_tokens": args.max_new_tokens,
-                         "limit": args.limit, "seed": args.seed, "scheduler": "fixed", "turns": "first"},
-            "reliability_png": str(plot) if plot else None, "datasets": results}
+        result["datasets"][name] = {"prompts": len(ids), **summarize(log, gamma, temps)}
+        atomic_write_text(args.out, json.dumps(result, indent=2))
+        print(json.dumps({"dataset": name, "tau": round(result["datasets"][name]["tau"], 4),
+                          "rounds": result["datasets"][name]["rounds"]}), flush=True)
+    plot = reliability_plot(result["datasets"], args.out.with_suffix(".png"))
+    result["reliability_png"] = str(plot) if plot else None
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    return result
 
 
 def main(argv=None) -> int:
@@ -266,10 +289,6 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
     print(json.dumps({"out": str(args.out), **{n: round(r["tau"], 4) for n, r in result["datasets"].items()}}))
     return 0
 

@@ -104,6 +104,17 @@ config = Config(
     assert tiny["calibration"]["after_sts"]["temperatures"] == pytest.approx(sts["temperatures"])
     assert (tmp_path / "result.png").read_bytes()[:4] == b"\x89PNG"
 
+    # a rerun with one more prompt set evaluates only that one and keeps the finished set
+    more = tmp_path / "prompts" / "more.jsonl"
+    more.write_text(json.dumps({"turns": ["def add(a, b):"]}) + "\n")
+    calls = []
+    rollout = evaluation.rollout
+    monkeypatch.setattr(evaluation, "rollout", lambda *a, **k: calls.append(len(a[2])) or rollout(*a, **k))
+    assert evaluation.main(common + ["--draft", str(run / "draft"), "--prompts", str(prompts), "--prompts", str(more),
+                                     "--limit", "3", "--max-new-tokens", "16", "--out", str(out)]) == 0
+    rerun = json.loads(out.read_text())
+    assert calls == [1] and rerun["datasets"]["tiny"] == tiny and rerun["datasets"]["more"]["prompts"] == 1
+
 
 def test_plain_text_becomes_fully_supervised_windows(tmp_path, gguf):
     from dspark_jax.config import TrainConfig

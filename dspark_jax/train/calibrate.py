@@ -17,12 +17,11 @@ from pathlib import Path
 
 
 from dspark_jax.config import ConfigError, load_config
-from dspark_jax.eval import first_turn_ids, read_prompt_sets, rollout
+from dspark_jax.eval import atomic_write_text, first_turn_ids, read_prompt_sets, rollout
 from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
 from dspark_jax.spec.calibrate import fit_sts, survival_ece
 from dspark_jax.spec.decode import RoundLog
 from dspark_jax.spec.sampling import SamplingParams
-from dspark_jax.train.data import atomic_write_text
 
 
 def fit(log: RoundLog, gamma: int) -> dict:

@@ -25,18 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from dspark_jax.config import TrainConfig
-from dspark_jax.eval import jsonl_files, read_jsonl
+from dspark_jax.eval import atomic_write_text, jsonl_files, read_jsonl
 
 
 class DataError(ValueError):
     """Training data that cannot be used as given."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 from dspark_jax.config import ConfigError, load_config
-from dspark_jax.eval import read_prompt_sets
+from dspark_jax.eval import atomic_write_text, read_prompt_sets
 from dspark_jax.loading import load_target, load_tokenizer, target_folder
 from dspark_jax.spec.decode import generate
 from dspark_jax.spec.sampling import SamplingParams
-from dspark_jax.train.data import atomic_write_text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
