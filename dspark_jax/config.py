@@ -441,29 +441,67 @@ class ServeConfig(Validated):
 
 @dataclass(frozen=True)
 class TrainConfig(Validated):
-    """Draft training recipe (DeepSpec defaults)."""
+    """Draft training recipe (DeepSpec defaults; see dspark_jax/train).
+
+    One optimizer step sees `grad_accum` micro-batches of `batch_size` sequences (the global batch
+    is their product; `batch_size` is split over the devices). `data` are regenerated chat
+    conversations (JSONL files or folders of them, as `dspark_jax.train.regenerate` writes);
+    `text_data` are glob patterns of plain-text files added as extra distillation data.
+    """
 
     data: tuple[str, ...] = ()
+    text_data: tuple[str, ...] = ()
+    text_max_tokens: int = 0  # 0 = every token of text_data
     out_dir: str = "runs/draft"
     steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
     max_length: int = 2048
+    min_length: int = 64  # shortest sequence bucket (sequences are padded to a power of two ≥ this)
+    min_loss_tokens: int = 14  # conversations with fewer supervised tokens are dropped
     anchors_per_sequence: int = 512
     learning_rate: float = 6e-4
     warmup_fraction: float = 0.04
     weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
     clip_norm: float = 1.0
     loss_ce: float = 0.1
     loss_l1: float = 0.9
     loss_conf: float = 1.0
-    position_decay: float = 4.0
+    position_decay: float = 4.0  # DSpark/DFlash position weight exp(−k / position_decay)
+    step_decay: float = 0.8  # Eagle3 step weight step_decay ** s
+    logits_chunk: int = 1024  # rows of vocabulary-sized logits formed at once
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # master weights are always fp32
+    holdout_fraction: float = 0.02  # conversations kept out of training for STS calibration
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
     seed: int = 0
 
     def check(self) -> None:
-        self._require(self.steps >= 1, "steps", ">= 1")
-        self._require(self.batch_size >= 1, "batch_size", ">= 1")
+        for name in ("steps", "batch_size", "grad_accum", "anchors_per_sequence", "logits_chunk",
+                     "checkpoint_every", "keep_checkpoints", "log_every"):
+            self._require(getattr(self, name) >= 1, name, ">= 1")
+        self._require(self.min_length >= 16 and self.min_length & (self.min_length - 1) == 0, "min_length",
+                      "a power of two >= 16")
+        self._require(self.max_length >= self.min_length, "max_length", f">= min_length={self.min_length}")
+        self._require(self.min_loss_tokens >= 1, "min_loss_tokens", ">= 1")
+        self._require(self.text_max_tokens >= 0, "text_max_tokens", ">= 0 (0 = all)")
+        self._require(self.learning_rate > 0, "learning_rate", "> 0")
         self._require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "in [0, 1)")
+        self._require(self.weight_decay >= 0, "weight_decay", ">= 0")
+        self._require(0.0 <= self.beta1 < 1.0, "beta1", "in [0, 1)")
+        self._require(0.0 <= self.beta2 < 1.0, "beta2", "in [0, 1)")
+        self._require(self.eps > 0, "eps", "> 0")
+        self._require(self.clip_norm > 0, "clip_norm", "> 0")
+        for name in ("loss_ce", "loss_l1", "loss_conf"):
+            self._require(getattr(self, name) >= 0, name, ">= 0")
+        self._require(self.loss_ce + self.loss_l1 > 0, "loss_ce", "> 0 when loss_l1 is 0 (nothing to learn from)")
+        self._require(self.position_decay > 0, "position_decay", "> 0")
+        self._require(0.0 < self.step_decay <= 1.0, "step_decay", "in (0, 1]")
+        self._require(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", "in [0, 1)")
 
 
 @dataclass(frozen=True)

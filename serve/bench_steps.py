@@ -168,7 +168,7 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
     session.caches, session.dstate = holder["caches"], holder["dstate"]
 
     def run_round():
-        (session.state, session.counters, session.caches, session.dstate, _) = _spec_round(
+        (session.state, session.counters, session.caches, session.dstate, _, _) = _spec_round(
             graphdefs, params, session.caches, session.dstate, session.state, session.counters, table,
             session.sampling, session.keys, session.eos_ids, session.max_new, session.sps, jnp.int32(0),
             shape=session.shape, budget=budget)

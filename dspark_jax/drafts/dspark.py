@@ -22,7 +22,7 @@ from dspark_jax.cache import init_kv_caches
 from dspark_jax.config import DraftConfig
 from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models import decoder_layer
-from dspark_jax.models.attention import DraftBlock, LayerKV
+from dspark_jax.models.attention import DenseDraftBlocks, DraftBlock, LayerKV
 from dspark_jax.models.common import RMSNorm, linear, normal_init
 from dspark_jax.spec.sampling import sample_from_probs, warp_probs
 
@@ -46,21 +46,40 @@ class MarkovHead(nnx.Module):
     def initial_state(self, lead_shape, dtype):
         return jnp.zeros((*lead_shape, self.rank), dtype)
 
-    def step(self, state, prev_tokens, hidden):
-        """(next recurrent state, bias [..., V] fp32) for one block position."""
+    def latent_step(self, state, prev_tokens, hidden):
+        """(next recurrent state, rank-r latent) for one block position; the bias is latent @ W2."""
         emb = self.prev_embedding(prev_tokens)
         if self.kind == "vanilla":
-            latent = emb
-        elif self.kind == "gated":
-            latent = jax.nn.sigmoid(self.gate_proj(jnp.concatenate([hidden, emb], axis=-1))) * emb
-        else:
-            gate, candidate, out = jnp.split(self.joint_proj(jnp.concatenate([state, emb, hidden], axis=-1)), 3, -1)
-            gate = jax.nn.sigmoid(gate)
-            state = gate * state + (1.0 - gate) * jnp.tanh(candidate)
-            latent = jnp.tanh(out)
+            return state, emb
+        if self.kind == "gated":
+            return state, jax.nn.sigmoid(self.gate_proj(jnp.concatenate([hidden, emb], axis=-1))) * emb
+        gate, candidate, out = jnp.split(self.joint_proj(jnp.concatenate([state, emb, hidden], axis=-1)), 3, -1)
+        gate = jax.nn.sigmoid(gate)
+        state = gate * state + (1.0 - gate) * jnp.tanh(candidate)
+        return state, jnp.tanh(out)
+
+    def bias(self, latent):
+        """B = latent @ W2 [..., V] fp32."""
         kernel = self.markov_w2.kernel[...]
-        bias = jnp.einsum("...r,rv->...v", latent.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-        return state, bias
+        return jnp.einsum("...r,rv->...v", latent.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+    def step(self, state, prev_tokens, hidden):
+        """(next recurrent state, bias [..., V] fp32) for one block position."""
+        state, latent = self.latent_step(state, prev_tokens, hidden)
+        return state, self.bias(latent)
+
+    def teacher_forced_latents(self, hidden, prev_tokens):
+        """Latents [..., γ, r] of a whole block whose previous tokens are known (training).
+
+        hidden [..., γ, H]; prev_tokens [..., γ]: the anchor, then the true token of each slot.
+        Only the latents are returned: the [.., V] bias is formed later, a chunk of rows at a time.
+        """
+        state = self.initial_state(hidden.shape[:-2], hidden.dtype)
+        latents = []
+        for k in range(hidden.shape[-2]):
+            state, latent = self.latent_step(state, prev_tokens[..., k], hidden[..., k, :])
+            latents.append(latent)
+        return jnp.stack(latents, axis=-2)
 
 
 class ConfidenceHead(nnx.Module):
@@ -135,15 +154,30 @@ class DSparkDraft(nnx.Module):
             caches.append(kernels.write_kv(k_pages, v_pages, k, v, layout.meta.slot_mapping))
         return ContextCache(caches)
 
-    def backbone(self, target, state: ContextCache, anchors, lens, page_table, gamma: int):
-        """Final-normed block hidden states h [R, γ, H] for blocks [x0, MASK…] at positions lens..lens+γ−1."""
-        block = jnp.full((anchors.shape[0], gamma), self.config.mask_token_id, jnp.int32).at[:, 0].set(anchors)
+    def _blocks(self, target, anchors, starts, attn, gamma: int):
+        """Final-normed hidden [..., γ, H] of blocks [x0, MASK…] at positions starts..starts+γ−1."""
+        block = jnp.full((*anchors.shape, gamma), self.config.mask_token_id, jnp.int32).at[..., 0].set(anchors)
         x = target.embed(block)
-        positions = lens[:, None] + jnp.arange(gamma)[None, :]
-        attn = DraftBlock(state.caches, page_table, lens)
+        positions = starts[..., None] + jnp.arange(gamma)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, attn, i)
         return self.norm(x)
+
+    def backbone(self, target, state: ContextCache, anchors, lens, page_table, gamma: int):
+        """Final-normed block hidden states h [R, γ, H] for blocks [x0, MASK…] at positions lens..lens+γ−1."""
+        return self._blocks(target, anchors, lens, DraftBlock(state.caches, page_table, lens), gamma)
+
+    def training_blocks(self, target, features, tokens, anchors, gamma: int):
+        """h [B, N, γ, H] for N blocks per whole sequence (training), each seeing the context before it.
+
+        features [B, S, n·H] are the target's captured layers for every position, tokens [B, S];
+        block n of sequence b starts at anchors[b, n] with token tokens[b, anchors[b, n]].
+        """
+        context = self.context(features)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        context_kv = [layer.self_attn.project_kv(context, positions) for layer in self.layers]
+        first = jnp.take_along_axis(tokens, anchors, axis=1)
+        return self._blocks(target, first, anchors, DenseDraftBlocks(context_kv, anchors), gamma)
 
     def calibrated_confidence(self, logits):
         """c_k = σ(z_k / T_k) for confidence logits [R, γ] (γ ≤ the trained block size)."""

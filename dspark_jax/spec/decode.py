@@ -43,11 +43,23 @@ class SpecStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoundLog:
+    """Every request-round of a generation (when asked for): what calibration and evaluation read."""
+
+    request: np.ndarray  # [N] int32 prompt index
+    lengths: np.ndarray  # [N] int32 draft tokens verified
+    accepted: np.ndarray  # [N] int32 draft tokens accepted
+    committed: np.ndarray  # [N] int32 tokens committed (accepted + 1, cut at EOS / the budget)
+    confidence_logits: np.ndarray | None  # [N, γ] fp32 raw confidence logits; None without a confidence head
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerateResult:
     tokens: list[list[int]]  # generated tokens per prompt (prompt excluded, EOS included)
     stats: SpecStats
     seconds: float  # wall time of the whole call, compilation included
     decode_seconds: float  # wall time after the first generated token
+    rounds: RoundLog | None = None  # per request-round records (generate(record_rounds=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +254,18 @@ class SpecCounters:
         return SpecCounters(z, z, z, jnp.zeros((gamma,), jnp.int32), jnp.zeros((gamma,), jnp.int32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RoundRecord:
+    """What one speculative round did per row; left on device unless the caller records rounds."""
+
+    live: jax.Array  # [R] bool, the row took part
+    lengths: jax.Array  # [R] int32
+    accepted: jax.Array  # [R] int32
+    committed: jax.Array  # [R] int32
+    confidence_logits: jax.Array | None  # [R, γ] fp32
+
+
 def _commit(state: DecodeState, counters: SpecCounters, candidates, num_accepted, lengths, eos_ids, max_new):
     """Append each live row's committed tokens (accepted drafts + the next token, cut at EOS/budget).
 
@@ -375,7 +399,9 @@ def _verify_and_commit(target, draft, caches, dstate, state: DecodeState, counte
                 if draft.capture_layers else None)
     next_tokens = candidates[commit_layout.token_req, commit_layout.token_slot]
     dstate = draft.ingest(target, dstate, features, next_tokens, commit_layout, jnp.arange(state.anchors.shape[0]))
-    return state, counters, attn.caches, dstate
+    record = RoundRecord(live=~old.done, lengths=lengths, accepted=num_accepted, committed=count,
+                         confidence_logits=proposal.confidence_logits)
+    return state, counters, attn.caches, dstate, record
 
 
 _ROUND_STATIC = ("graphdefs", "shape", "budget")
@@ -397,10 +423,10 @@ def _spec_round_body(graphdefs, params, caches, dstate, state, counters, page_ta
     capacity = jnp.minimum(capacity, budget - jnp.sum(~state.done))
     proposal, lengths, next_capacity, dstate = _draft_and_schedule(
         target, draft, dstate, state, page_table, sampling, req_keys, sps, capacity, shape)
-    state, counters, caches, dstate = _verify_and_commit(
+    state, counters, caches, dstate, record = _verify_and_commit(
         target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys, eos_ids,
         max_new, shape, budget)
-    return state, counters, caches, dstate, next_capacity
+    return state, counters, caches, dstate, next_capacity, record
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
@@ -473,8 +499,9 @@ class Session:
     """
 
     def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling, spec: SpecParams, seed: int,
-                 page_size: int, prefill_chunk: int, backend: str = "auto"):
+                 page_size: int, prefill_chunk: int, backend: str = "auto", record_rounds: bool = False):
         self.t0 = time.perf_counter()
+        self.records = [] if record_rounds else None  # RoundRecords on device, read once at the end
         self.backend = ops.resolve(backend)
         self.spec = spec
         self.gamma = spec.block_size if draft is not None else 0
@@ -565,10 +592,11 @@ class Session:
             budget = self.full_budget
             if self.spec.scheduler == "async":
                 budget = bucket(self.reqs.rows + int(capacity), minimum=16, maximum=self.full_budget)
-            self.state, self.counters, self.caches, self.dstate, next_capacity = _spec_round(
+            self.state, self.counters, self.caches, self.dstate, next_capacity, record = _spec_round(
                 self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, table, self.sampling,
                 self.keys, self.eos_ids, self.max_new, self.sps, capacity, shape=self.shape, budget=budget)
             self.capacities = (self.capacities + [next_capacity])[-2:]
+            self._record(record)
         else:
             proposal, lengths, total, self.dstate = _spec_draft(self.graphdefs, self.params, self.dstate, self.state,
                                                                 table, self.sampling, self.keys, self.sps,
@@ -576,18 +604,39 @@ class Session:
             self.verify(proposal, lengths, table, budget=bucket(int(total), minimum=16))
 
     def verify(self, proposal, lengths, table, *, budget: int):
-        self.state, self.counters, self.caches, self.dstate = _spec_verify(
+        self.state, self.counters, self.caches, self.dstate, record = _spec_verify(
             self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, proposal, lengths, table,
             self.sampling, self.keys, self.eos_ids, self.max_new, shape=self.shape, budget=budget)
+        self._record(record)
+
+    def _record(self, record: RoundRecord):
+        if self.records is not None:
+            self.records.append(record)
+
+    def round_log(self) -> RoundLog | None:
+        """The recorded request-rounds (live rows only, in round order), or None when not recording."""
+        if self.records is None:
+            return None
+        if not self.records:
+            empty = np.zeros((0,), np.int32)
+            return RoundLog(empty, empty, empty, empty, None)
+        records = jax.device_get(self.records)
+        live = np.stack([r.live for r in records])  # [rounds, R]
+        take = lambda field: np.stack([getattr(r, field) for r in records])[live]
+        request = np.broadcast_to(np.arange(live.shape[1]), live.shape)[live].astype(np.int32)
+        conf = take("confidence_logits").astype(np.float32) if records[0].confidence_logits is not None else None
+        return RoundLog(request=request, lengths=take("lengths"), accepted=take("accepted"),
+                        committed=take("committed"), confidence_logits=conf)
 
     def result(self) -> GenerateResult:
-        return _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
+        result = _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
+        return dataclasses.replace(result, rounds=self.round_log())
 
 
 def generate(target, draft, prompts, max_new_tokens: int = 128,
              sampling: SamplingParams | list[SamplingParams] | None = None,
              spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16, prefill_chunk: int = 512,
-             kernels: str = "auto") -> GenerateResult:
+             kernels: str = "auto", record_rounds: bool = False) -> GenerateResult:
     """Generate continuations for a batch of token-id prompts of any lengths.
 
     `sampling` is one SamplingParams for all prompts or one per prompt (a batch may mix greedy and
@@ -596,6 +645,8 @@ def generate(target, draft, prompts, max_new_tokens: int = 128,
     depends only on (seed, i) and its own progress, so its output does not depend on the rest of
     the batch.
     `kernels` picks the kernel backend ("auto", "pallas", "xla", "interpret"; see dspark_jax.kernels).
+    `record_rounds` keeps every request-round's lengths, acceptances and confidence logits
+    (`result.rounds`), read back once at the end.
     """
     spec = spec or SpecParams()
     if draft is not None and spec.scheduler in ("causal", "async") and spec.sps is None:
@@ -604,7 +655,8 @@ def generate(target, draft, prompts, max_new_tokens: int = 128,
         spec = dataclasses.replace(spec, sps=profile_sps(target, draft, rows=bucket(len(prompts)),
                                                          gamma=spec.block_size))
     session = Session(target, draft, prompts, max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
-                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk, backend=kernels)
+                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk, backend=kernels,
+                      record_rounds=record_rounds)
     if draft is None:
         for step in range(max_new_tokens - 1):
             if step % 8 == 0 and session.sync():
