@@ -7,13 +7,51 @@ cache (optionally only to the last `sliding_window` positions, optionally with a
 logit in the softmax denominator). Tokens past `cu_q_lens[R]` are padding and produce zeros.
 
 The same signature serves prefill chunks (q_len = chunk), decode (1) and verification (ℓ+1).
+
+The kernel is `pallas_kernels.paged_flash` (Mosaic GPU): each request's queries are gathered
+into 64-row blocks (query tokens × the query heads of one KV head), keys stream from the pages in
+place, and the per-token outputs are gathered back. Shapes it does not cover (see
+`paged_flash.unsupported_reason`) run the reference.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels import paged_flash
 from pallas_kernels.common import masked_attention
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *, max_q_len: int, scale: float,
+                           sliding_window: int | None = None, sinks=None, interpret: bool = False,
+                           splits: int | None = None):
+    """The Pallas kernel (same contract as the reference); `splits` overrides the KV-split heuristic."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
+    if paged_flash.unsupported_reason(q.dtype, k_pages.dtype, num_heads, num_kv_heads, head_dim, page_size,
+                                       interpret):
+        return ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens,
+                                                max_q_len=max_q_len, scale=scale, sliding_window=sliding_window,
+                                                sinks=sinks)
+    rows, pages_per_row = page_table.shape
+    plan = paged_flash.make_plan(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                 page_size=page_size, pages_per_row=pages_per_row, rows=rows, max_q_len=max_q_len,
+                                 dtype=q.dtype, splits=splits)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    slot = jnp.arange(plan.q_blocks * plan.tokens_per_block)
+    src = jnp.clip(cu_q_lens[:-1, None] + slot[None, :], 0, num_tokens - 1)
+    q_grid = jnp.where((slot[None, :] < q_lens[:, None])[..., None, None], q[src], 0)
+    out, lse = paged_flash.paged_flash(
+        paged_flash.to_blocks(q_grid, plan), k_pages, v_pages, page_table, q_lens, kv_lens - q_lens, kv_lens,
+        plan=plan, scale=scale, causal=True, sliding_window=sliding_window, interpret=interpret)
+
+    token = jnp.arange(num_tokens)
+    req = jnp.clip(jnp.searchsorted(cu_q_lens[1:], token, side="right"), 0, rows - 1)
+    idx = jnp.clip(token - cu_q_lens[req], 0, max_q_len - 1)
+    out, lse = paged_flash.from_blocks(out, lse, req, idx, plan)
+    out = paged_flash.merge_partials(out, lse, sinks)
+    return jnp.where((token < cu_q_lens[-1])[:, None, None], out, 0).astype(q.dtype)
 
 
 def ragged_paged_attention_reference(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *,
