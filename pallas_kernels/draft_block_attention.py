@@ -13,7 +13,9 @@ two partial softmaxes are merged exactly by their log-sum-exps.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import paged_flash
 from pallas_kernels.common import masked_attention
@@ -83,3 +85,70 @@ def draft_block_attention_reference(q, k_block, v_block, k_pages, v_pages, page_
     ctx_mask = jnp.broadcast_to(ctx_mask, (rows, gamma, pages * page_size))
     mask = jnp.concatenate([ctx_mask, jnp.ones((rows, gamma, gamma), bool)], axis=-1)
     return masked_attention(q, keys, values, mask, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU checks and benchmark (python -m pallas_kernels.bench)
+
+QWEN3_DRAFT = dict(heads=32, kv_heads=8, head_dim=128)  # DSpark draft layers copy the target's attention
+
+
+def _inputs(key, gamma, context, *, heads, kv_heads, head_dim, page_size=16, dtype=jnp.bfloat16):
+    keys = jax.random.split(key, 4)
+    rows = len(context)
+    k_pages, v_pages, table = paged_flash.random_pages(keys[0], [max(c, 1) for c in context], page_size=page_size,
+                                                       kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    rand = lambda k, *shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
+    return (rand(keys[1], rows, gamma, heads, head_dim), rand(keys[2], rows, gamma, kv_heads, head_dim),
+            rand(keys[3], rows, gamma, kv_heads, head_dim), k_pages, v_pages, table, jnp.asarray(context, jnp.int32))
+
+
+def _call(fn, scale, window, **kw):
+    return jax.jit(lambda *args: fn(*args, scale=scale, sliding_window=window, **kw))
+
+
+def gpu_checks(bench):
+    cases = {  # name: (gamma, context, heads, kv_heads, head_dim, window, splits)
+        "gamma7_mixed_context": (7, (1000, 0, 33, 4000), 32, 8, 128, None, None),
+        "gamma1": (1, (300, 17), 32, 8, 128, None, None),
+        "gamma16_gqa3": (16, (800, 64), 9, 3, 64, None, None),
+        "window_forced_splits": (5, (3000, 100), 32, 8, 128, 512, 5),
+        "head_dim_256": (7, (500, 2000), 16, 8, 256, None, None),
+    }
+    for i, (name, (gamma, context, heads, kv_heads, head_dim, window, splits)) in enumerate(cases.items()):
+        def run():
+            args = _inputs(jax.random.key(200 + i), gamma, context, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+            out = _call(draft_block_attention, head_dim ** -0.5, window, splits=splits)(*args)
+            up = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+            ref = np.asarray(_call(draft_block_attention_reference, head_dim ** -0.5, window)(*up))
+            out = np.asarray(out.astype(jnp.float32))
+            err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            shapes = f"gamma={gamma} context={context} H={heads}/{kv_heads} D={head_dim} window={window} splits={splits}"
+            return (err if np.all(np.isfinite(out)) else float("nan")), 1.5e-2, shapes
+        bench.check("draft_block_attention", name, run)
+
+
+def benchmark(bench):
+    rows_set, contexts = ((1, 64), (1024, 8192)) if bench.quick else ((1, 16, 64, 128), (1024, 8192, 32768))
+    for rows in rows_set:
+        for context in contexts:
+            if rows * context <= 2**21:
+                _bench_case(bench, f"qwen3 draft gamma=7 R={rows} ctx={context}", QWEN3_DRAFT, rows, 7, context)
+
+
+def _bench_case(bench, case, model, rows, gamma, context):
+    heads, kv_heads, head_dim = model["heads"], model["kv_heads"], model["head_dim"]
+    scale = head_dim ** -0.5
+
+    def make(seed):
+        return _inputs(jax.random.key(seed), gamma, (context,) * rows, heads=heads, kv_heads=kv_heads,
+                       head_dim=head_dim)
+
+    cache = paged_flash.kv_bytes([context] * rows, kv_heads, head_dim, jnp.bfloat16)
+    block = 2 * rows * gamma * (2 * heads + 2 * kv_heads) * head_dim  # q, out, block K/V in bf16
+    sets = bench.copies(make, cache)
+    ms = bench.time(_call(draft_block_attention, scale, None), sets)
+    alternatives = {"xla_reference": bench.attempt(_call(draft_block_attention_reference, scale, None), sets)}
+    share = bench.floor_ms(cache + block) / ms
+    bench.record("draft_block_attention", case, ms=ms, bytes_moved=cache + block, alternatives=alternatives,
+                 bar=">= 80% of bandwidth", met=share >= 0.8)

@@ -35,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -315,3 +316,28 @@ def paged_flash(q_blocks, k_pages, v_pages, page_table, q_lens, q_start, kv_lens
                           interpret=interpret_params(interpret))
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return kernel(i32(page_table), i32(q_lens), i32(q_start), i32(kv_lens), q_blocks, k_pages, v_pages)
+
+
+def random_pages(key, lengths, *, page_size: int, kv_heads: int, head_dim: int, dtype):
+    """Benchmark/check inputs: K/V pools holding `lengths` tokens per request on shuffled pages.
+
+    Pages no request owns are NaN, so a read outside a request's pages poisons its output.
+    Returns (k_pages, v_pages, page_table [R, P] int32).
+    """
+    rows = len(lengths)
+    per_row = max(1, -(-max(lengths) // page_size))
+    num_pages = rows * per_row + 1
+    k_key, v_key, perm_key = jax.random.split(key, 3)
+    table = jax.random.permutation(perm_key, num_pages)[: rows * per_row].reshape(rows, per_row).astype(jnp.int32)
+    used = jnp.zeros((num_pages,), bool).at[table.reshape(-1)].set(True)[:, None, None, None]
+
+    def pool(k):
+        x = jax.random.normal(k, (num_pages, page_size, kv_heads, head_dim), jnp.float32)
+        return jnp.where(used, x, jnp.nan).astype(dtype)
+
+    return pool(k_key), pool(v_key), table
+
+
+def kv_bytes(lengths, kv_heads: int, head_dim: int, dtype) -> int:
+    """Bytes of K and V a request set must read at least once."""
+    return 2 * int(np.sum(lengths)) * kv_heads * head_dim * jnp.dtype(dtype).itemsize
