@@ -15,6 +15,7 @@ import contextvars
 
 import jax
 
+from pallas_kernels import add_rms_norm as _norm
 from pallas_kernels import draft_block_attention as _draft_block
 from pallas_kernels import ragged_paged_attention as _ragged
 
@@ -66,3 +67,9 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 def draft_block_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw):
     fn, extra = _pick(_draft_block, "draft_block_attention")
     return fn(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw, **extra)
+
+
+def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False):
+    """(x + delta, RMSNorm(x + delta)) in one pass; weight None = no scale."""
+    fn, extra = _pick(_norm, "add_rms_norm")
+    return fn(x, delta, weight, eps=eps, scale_in_fp32=scale_in_fp32, **extra)
