@@ -100,3 +100,60 @@ def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False, i
         operands += (weight,)
     h, normed = kernel(*operands)
     return h.reshape(x.shape), normed.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU checks and benchmark (python -m pallas_kernels.bench)
+
+WIDTHS = {"qwen3_4b": 2560, "qwen3_8b/v4_flash": 4096, "v4_pro": 7168}
+
+
+def _inputs(key, rows, width, dtype, with_weight=True):
+    kx, kd, kw = jax.random.split(key, 3)
+    x = (3.0 * jax.random.normal(kx, (rows, width), jnp.float32)).astype(dtype)
+    delta = jax.random.normal(kd, (rows, width), jnp.float32).astype(dtype)
+    weight = (1.0 + 0.3 * jax.random.normal(kw, (width,), jnp.float32)).astype(dtype) if with_weight else None
+    return x, delta, weight
+
+
+def gpu_checks(bench):
+    cases = {  # name: (rows, width, dtype, weight, scale_in_fp32)
+        "bf16_qwen3_4b": (333, 2560, jnp.bfloat16, True, False),
+        "bf16_v4_pro_many_rows": (5000, 7168, jnp.bfloat16, True, False),
+        "f32_gemma_scale_in_fp32": (64, 3840, jnp.float32, True, True),
+        "f32_no_weight": (7, 512, jnp.float32, False, False),
+    }
+    for i, (name, (rows, width, dtype, with_weight, scale_in_fp32)) in enumerate(cases.items()):
+        def run():
+            x, delta, weight = _inputs(jax.random.key(300 + i), rows, width, dtype, with_weight)
+            kw = dict(eps=1e-6, scale_in_fp32=scale_in_fp32)
+            h, normed = jax.jit(lambda *a: add_rms_norm(*a, **kw))(x, delta, weight)
+            h_ref, normed_ref = jax.jit(lambda *a: add_rms_norm_reference(*a, **kw))(x, delta, weight)
+            if not np.array_equal(np.asarray(h, np.float32), np.asarray(h_ref, np.float32)):
+                return float("inf"), 0.0, f"h differs; rows={rows} width={width} {jnp.dtype(dtype).name}"
+            got, want = np.asarray(normed, np.float64), np.asarray(normed_ref, np.float64)
+            err = float(np.max(np.abs(got - want) / (np.abs(want) + 1e-30)))
+            shapes = f"rows={rows} width={width} {jnp.dtype(dtype).name} weight={with_weight} fp32_scale={scale_in_fp32}"
+            return err, 2.0 * float(jnp.finfo(dtype).eps), shapes  # max relative error: one output rounding
+        bench.check("add_rms_norm", name, run)
+
+
+def benchmark(bench):
+    rows_set = (64, 4096) if bench.quick else (1, 64, 512, 4096, 16384)
+    for model, width in WIDTHS.items():
+        for rows in rows_set:
+            _bench_case(bench, f"{model} rows={rows} width={width}", rows, width)
+
+
+def _bench_case(bench, case, rows, width):
+    sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, width, jnp.bfloat16), 2 * rows * width * 2)
+    kernel = jax.jit(lambda *a: add_rms_norm(*a, eps=1e-6))
+    xla = jax.jit(lambda *a: add_rms_norm_reference(*a, eps=1e-6))
+    ms = bench.time(kernel, sets)
+    alternatives = {"xla_fusion": bench.attempt(xla, sets)}
+    moved = 4 * rows * width * 2 + width * 2
+    share = bench.floor_ms(moved) / ms
+    faster = isinstance(alternatives["xla_fusion"], float) and alternatives["xla_fusion"] >= ms
+    note = "launch-bound: the bytes floor is under 5 µs" if bench.floor_ms(moved) < 5e-3 else ""
+    bench.record("add_rms_norm", case, ms=ms, bytes_moved=moved, alternatives=alternatives,
+                 bar=">= 85% of bandwidth and >= XLA", met=share >= 0.85 and faster, note=note)

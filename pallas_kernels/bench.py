@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = ("ragged_paged_attention", "draft_block_attention")
+KERNELS = ("ragged_paged_attention", "draft_block_attention", "add_rms_norm")
 L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
 
 

@@ -58,3 +58,12 @@ def test_failed_check_is_recorded_with_its_error(one_run):
     one_run.check("k", "raises", lambda: 1 / 0)
     statuses = [c["status"] for c in json.load(open(one_run.out_path))["checks"]]
     assert statuses == ["PASS", "FAIL", "ERROR"]
+
+
+def test_norm_benchmark_and_check_rows(one_run):
+    from pallas_kernels import add_rms_norm as arn
+
+    arn._bench_case(one_run, "small", rows=3, width=256)
+    one_run.check("add_rms_norm", "tiny", lambda: (0.0, 1e-3, "x"))
+    rows = json.load(open(one_run.out_path))["benchmarks"]
+    assert rows[0]["kernel"] == "add_rms_norm" and isinstance(rows[0]["alternatives"]["xla_fusion"], float)
