@@ -17,6 +17,8 @@ import jax
 
 from pallas_kernels import add_rms_norm as _norm
 from pallas_kernels import draft_block_attention as _draft_block
+from pallas_kernels import fused_verify as _verify
+from pallas_kernels import markov_sample as _markov
 from pallas_kernels import ragged_paged_attention as _ragged
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
@@ -73,3 +75,15 @@ def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False):
     """(x + delta, RMSNorm(x + delta)) in one pass; weight None = no scale."""
     fn, extra = _pick(_norm, "add_rms_norm")
     return fn(x, delta, weight, eps=eps, scale_in_fp32=scale_in_fp32, **extra)
+
+
+def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling):
+    """(num_accepted, next_token) of speculative verification with the uniforms already drawn."""
+    fn, extra = _pick(_verify, "fused_verify")
+    return fn(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling, **extra)
+
+
+def markov_sample(base, anchors, w1, w2, uniforms, sampling):
+    """(tokens, probs) of the Markov sampling loop (vanilla head, or none when w1 is None)."""
+    fn, extra = _pick(_markov, "markov_sample")
+    return fn(base, anchors, w1, w2, uniforms, sampling, **extra)
