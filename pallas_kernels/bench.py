@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KERNELS = ("ragged_paged_attention", "draft_block_attention", "add_rms_norm")
+KERNELS = ("ragged_paged_attention", "draft_block_attention", "add_rms_norm", "vocab_stats", "fused_verify",
+           "markov_sample")
 L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
 
 
@@ -127,6 +128,19 @@ class Bench:
     def _save(self) -> None:
         with open(self.out_path, "w") as f:
             json.dump(self.results, f, indent=2)
+
+
+def qwen3_4b_round_bytes(rows: int, context: int = 1024, gamma: int = 7, draft_layers: int = 5) -> int:
+    """The fewest bytes a Qwen3-4B DSpark round can move: target and draft weights once, both KV caches.
+
+    A round also runs the draft's lm_head (the tied embedding, counted once with the target's) and
+    writes this round's K/V; those and every activation are left out, so this floor is low.
+    """
+    hidden, inter, q_dim, kv_dim, vocab, layers = 2560, 9728, 4096, 1024, 151936, 36
+    per_layer = hidden * (2 * q_dim + 2 * kv_dim) + 3 * hidden * inter
+    weights = 2 * (vocab * hidden + (layers + draft_layers) * per_layer + 256 * vocab)  # + Markov W2
+    kv = 2 * 2 * kv_dim * rows * (context + gamma + 1) * (layers + draft_layers)
+    return weights + kv
 
 
 def main():

@@ -16,7 +16,11 @@ as the reference does (its sort decides the kept set to the last ulp; the sort t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import vocab_stats as vs
 from pallas_kernels.common import inverse_cdf, warp_logits, warp_probs
@@ -70,7 +74,8 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
     else:
         logits, divisor = target_logits, jnp.where(greedy, 1.0, sampling.temperature)
     row_max, norm, argmax, _ = vs.row_stats(*vs.vocab_stats(
-        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1), None, interpret=interpret))
+        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1), None, block=vs.BLOCK,
+        interpret=interpret))
     row_max, norm, argmax = (a.reshape(rows, gamma + 1) for a in (row_max, norm, argmax))
 
     def p_of(k_rows, cols, values):
@@ -107,3 +112,62 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
                                lambda b: jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0], block=width)
     next_token = jnp.where(greedy, jnp.take_along_axis(argmax, n, 1)[:, 0], sampled)
     return num_accepted, next_token.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU checks and benchmark (python -m pallas_kernels.bench)
+
+VOCAB = 151936  # Qwen3
+MODES = {"greedy": (0.0, 0, 1.0), "T=1": (1.0, 0, 1.0), "T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8)}
+
+
+def sampling_of(rows, temperature, top_k, top_p):
+    """Per-request sampling arrays (the fields SamplingArrays carries) for one setting on every row."""
+    return SimpleNamespace(temperature=jnp.full((rows,), temperature, jnp.float32),
+                           top_k=jnp.full((rows,), top_k, jnp.int32), top_p=jnp.full((rows,), top_p, jnp.float32),
+                           filters=top_k > 0 or top_p < 1.0)
+
+
+def _inputs(key, rows, gamma, vocab, sampling):
+    keys = jax.random.split(key, 5)
+    target = 2.0 * jax.random.normal(keys[0], (rows, gamma + 1, vocab), jnp.float32)
+    q = warp_probs(target[:, :gamma] + 0.5 * jax.random.normal(keys[1], (rows, gamma, vocab)), sampling)
+    tokens = inverse_cdf(q, 1.0 - jax.random.uniform(keys[2], (rows, gamma)))
+    lengths = jnp.full((rows,), gamma, jnp.int32)
+    return (target, tokens, q, lengths, jax.random.uniform(keys[3], (rows, gamma)),
+            1.0 - jax.random.uniform(keys[4], (rows,)))
+
+
+def gpu_checks(bench):
+    for i, (mode, setting) in enumerate(MODES.items()):
+        def run():
+            rows, gamma = 16, 7
+            sampling = sampling_of(rows, *setting)
+            args = _inputs(jax.random.key(500 + i), rows, gamma, VOCAB, sampling)
+            got = jax.jit(lambda *a: fused_verify(*a, sampling))(*args)
+            want = jax.jit(lambda *a: fused_verify_reference(*a, sampling))(*args)
+            mismatches = int(np.sum(np.asarray(got[0]) != np.asarray(want[0])) +
+                             np.sum(np.asarray(got[1]) != np.asarray(want[1])))
+            return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
+        bench.check("fused_verify", mode, run)
+
+
+def benchmark(bench):
+    from pallas_kernels.bench import qwen3_4b_round_bytes
+
+    gamma = 7
+    for rows in ((1, 64) if bench.quick else (1, 16, 64, 128)):
+        for mode, setting in MODES.items():
+            sampling = sampling_of(rows, *setting)
+            sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, sampling),
+                                rows * (2 * gamma + 1) * VOCAB * 4)
+            ms = bench.time(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
+            alternatives = {"xla_reference": bench.attempt(jax.jit(lambda *a: fused_verify_reference(*a, sampling)),
+                                                           sets)}
+            moved = rows * (gamma + 1) * VOCAB * 4 + 2 * rows * VOCAB * 4  # target logits, then row n and q_n
+            round_ms = bench.floor_ms(qwen3_4b_round_bytes(rows, gamma=gamma))
+            bench.record("fused_verify", f"R={rows} gamma={gamma} {mode}", ms=ms, bytes_moved=moved,
+                         alternatives=alternatives, bar="< 5% of a Qwen3-4B round (its bytes floor, ctx 1024)",
+                         met=ms < 0.05 * round_ms, round_floor_ms=round_ms,
+                         note=f"{100 * ms / round_ms:.2f}% of a {round_ms:.2f} ms round floor"
+                              + ("; top-k/top-p rows sort as the reference does" if sampling.filters else ""))

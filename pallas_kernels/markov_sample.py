@@ -16,7 +16,9 @@ decides the kept set to the last ulp) and the kernel reads the warped logits.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import vocab_stats as vs
 from pallas_kernels.common import inverse_cdf, warp_logits, warp_probs
@@ -66,7 +68,9 @@ def _draw(base_k, bias, u, sampling, interpret):
         divisor = jnp.ones(greedy.shape, jnp.float32)
     else:
         x, x2, divisor = base_k, bias, jnp.where(greedy, 1.0, sampling.temperature)
-    row_max, norm, argmax, block_mass = vs.row_stats(*vs.vocab_stats(x, x2, divisor, None, interpret=interpret))
+    block = vs.BLOCK
+    row_max, norm, argmax, block_mass = vs.row_stats(*vs.vocab_stats(x, x2, divisor, None, block=block,
+                                                                     interpret=interpret))
     shift = jnp.where(row_max == -jnp.inf, 0.0, row_max)[:, None]
     logits = x.astype(jnp.float32) if x2 is None else x + x2
 
@@ -75,7 +79,7 @@ def _draw(base_k, bias, u, sampling, interpret):
         sampled = jnp.exp(values / divisor[:, None] - shift) / norm[:, None]
         return jnp.where(greedy[:, None], (cols == argmax[:, None]).astype(jnp.float32), sampled)
 
-    width = min(vs.BLOCK, vocab)
+    width = min(block, vocab)  # one block of the statistics: b covers columns [b·block, b·block + width)
 
     def block_values(b):
         cols = b[:, None] * width + jnp.arange(width)[None, :]
@@ -84,3 +88,57 @@ def _draw(base_k, bias, u, sampling, interpret):
 
     drawn = vs.sample_blocks(block_mass, u, block_values, block=width)
     return jnp.where(greedy, argmax, drawn).astype(jnp.int32), q_of(logits, jnp.arange(vocab)[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# GPU checks and benchmark (python -m pallas_kernels.bench)
+
+VOCAB, RANK = 151936, 256  # Qwen3 vocabulary, DSpark's Markov rank
+
+
+def _inputs(key, rows, gamma, vocab, rank):
+    keys = jax.random.split(key, 5)
+    base = 2.0 * jax.random.normal(keys[0], (rows, gamma, vocab), jnp.float32)
+    w1 = (0.5 * jax.random.normal(keys[1], (vocab, rank), jnp.float32)).astype(jnp.bfloat16)
+    w2 = (0.1 * jax.random.normal(keys[2], (rank, vocab), jnp.float32)).astype(jnp.bfloat16)
+    anchors = jax.random.randint(keys[3], (rows,), 0, vocab, jnp.int32)
+    return base, anchors, w1, w2, 1.0 - jax.random.uniform(keys[4], (rows, gamma))
+
+
+def gpu_checks(bench):
+    from pallas_kernels.fused_verify import MODES, sampling_of
+
+    for i, (mode, setting) in enumerate(MODES.items()):
+        def run():
+            rows, gamma = 8, 7
+            sampling = sampling_of(rows, *setting)
+            args = _inputs(jax.random.key(600 + i), rows, gamma, VOCAB, RANK)
+            tokens, probs = jax.jit(lambda *a: markov_sample(*a, sampling))(*args)
+            want_tokens, want_probs = jax.jit(lambda *a: markov_sample_reference(*a, sampling))(*args)
+            if not np.array_equal(np.asarray(tokens), np.asarray(want_tokens)):
+                mismatched = int(np.sum(np.asarray(tokens) != np.asarray(want_tokens)))
+                return float("inf"), 1e-6, f"R={rows} gamma={gamma} {mode}: {mismatched} tokens differ"
+            err = float(np.max(np.abs(np.asarray(probs) - np.asarray(want_probs))))
+            return err, 1e-6, f"R={rows} gamma={gamma} V={VOCAB} rank={RANK} {mode} (error = max |q - q_ref|)"
+        bench.check("markov_sample", mode, run)
+
+
+def benchmark(bench):
+    from pallas_kernels.bench import qwen3_4b_round_bytes
+    from pallas_kernels.fused_verify import MODES, sampling_of
+
+    gamma = 7
+    for rows in ((1, 64) if bench.quick else (1, 16, 64, 128)):
+        for mode, setting in MODES.items():
+            sampling = sampling_of(rows, *setting)
+            sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, RANK),
+                                2 * rows * gamma * VOCAB * 4)
+            ms = bench.time(jax.jit(lambda *a: markov_sample(*a, sampling)), sets)
+            alternatives = {"xla_reference": bench.attempt(
+                jax.jit(lambda *a: markov_sample_reference(*a, sampling)), sets)}
+            moved = gamma * RANK * VOCAB * 2 + 2 * rows * gamma * VOCAB * 4  # W2 per step; base in, q out
+            round_ms = bench.floor_ms(qwen3_4b_round_bytes(rows, gamma=gamma))
+            bench.record("markov_sample", f"R={rows} gamma={gamma} {mode}", ms=ms, bytes_moved=moved,
+                         alternatives=alternatives, bar="<= 2% of a Qwen3-4B round (its bytes floor, ctx 1024)",
+                         met=ms <= 0.02 * round_ms, round_floor_ms=round_ms,
+                         note=f"{100 * ms / round_ms:.2f}% of a {round_ms:.2f} ms round floor")

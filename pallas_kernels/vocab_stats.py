@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -152,3 +153,45 @@ def _first_reaching(cum, target):
     positive = jnp.min(jnp.where(cum > 0, cum, jnp.inf), axis=1)
     target = jnp.clip(target, positive, cum[:, -1])
     return jnp.minimum(jnp.sum(cum < target[:, None], axis=1), cum.shape[1] - 1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU checks and benchmark (python -m pallas_kernels.bench)
+
+VOCAB = 151936  # Qwen3
+
+
+def _inputs(key, rows, vocab, dtype, with_x2, with_floor):
+    keys = jax.random.split(key, 3)
+    x = (3.0 * jax.random.normal(keys[0], (rows, vocab), jnp.float32)).astype(dtype)
+    x2 = jax.random.normal(keys[1], (rows, vocab), jnp.float32).astype(dtype) if with_x2 else None
+    temperature = jax.random.uniform(keys[2], (rows,), jnp.float32, 0.5, 1.5)
+    floor = jnp.linspace(-1.0, 8.0, rows) if with_floor else None
+    return x, x2, temperature, floor
+
+
+def gpu_checks(bench):
+    cases = {"f32_x2_qwen3_vocab": (64, VOCAB, jnp.float32, True, False),
+             "bf16_floor_tail": (37, 3 * BLOCK + 5, jnp.bfloat16, False, True)}
+    for i, (name, (rows, vocab, dtype, with_x2, with_floor)) in enumerate(cases.items()):
+        def run():
+            args = _inputs(jax.random.key(400 + i), rows, vocab, dtype, with_x2, with_floor)
+            got = jax.jit(vocab_stats)(*args)
+            want = jax.jit(vocab_stats_reference)(*args)
+            top_ok = np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+            arg_ok = np.array_equal(np.asarray(got[2]), np.asarray(want[2]))
+            err = float(np.max(np.abs(np.asarray(got[1]) - np.asarray(want[1])) / np.maximum(np.asarray(want[1]), 1e-30)))
+            shapes = f"rows={rows} V={vocab} {jnp.dtype(dtype).name} x2={with_x2} floor={with_floor}"
+            return (err if top_ok and arg_ok else float("inf")), 1e-5, shapes + ("" if top_ok and arg_ok else
+                                                                                 " (max or argmax differ)")
+        bench.check("vocab_stats", name, run)
+
+
+def benchmark(bench):
+    for rows in ((64, 512) if bench.quick else (8, 64, 512, 1024)):
+        sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, VOCAB, jnp.float32, False, False),
+                            rows * VOCAB * 4)
+        ms = bench.time(jax.jit(vocab_stats), sets)
+        alternatives = {"xla_reference": bench.attempt(jax.jit(vocab_stats_reference), sets)}
+        bench.record("vocab_stats", f"rows={rows} V={VOCAB} f32", ms=ms, bytes_moved=rows * VOCAB * 4,
+                     alternatives=alternatives, bar="n/a (part of fused verify / Markov loop)", met=None)

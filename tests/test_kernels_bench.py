@@ -67,3 +67,25 @@ def test_norm_benchmark_and_check_rows(one_run):
     one_run.check("add_rms_norm", "tiny", lambda: (0.0, 1e-3, "x"))
     rows = json.load(open(one_run.out_path))["benchmarks"]
     assert rows[0]["kernel"] == "add_rms_norm" and isinstance(rows[0]["alternatives"]["xla_fusion"], float)
+
+
+def test_sampling_checks_and_benchmark_rows(one_run, monkeypatch):
+    from pallas_kernels import fused_verify as fv
+    from pallas_kernels import markov_sample as ms
+    from pallas_kernels import vocab_stats as vs
+
+    # The real check and benchmark code, at a small vocabulary (a few small blocks and a tail).
+    monkeypatch.setattr(vs, "BLOCK", 512)
+    for module in (fv, ms, vs):
+        monkeypatch.setattr(module, "VOCAB", 2 * 512 + 3)
+    monkeypatch.setattr(ms, "RANK", 8)
+    monkeypatch.setattr(fv, "MODES", {"filters": (0.7, 20, 0.8)})
+    fv.gpu_checks(one_run)
+    ms.gpu_checks(one_run)
+    fv.benchmark(one_run)
+    ms.benchmark(one_run)
+    results = json.load(open(one_run.out_path))
+    assert [c["status"] for c in results["checks"]] == ["PASS"] * 2, results["checks"]
+    rows = results["benchmarks"]
+    assert [r["kernel"] for r in rows] == ["fused_verify"] * 2 + ["markov_sample"] * 2
+    assert all(isinstance(r["alternatives"]["xla_reference"], float) and r["round_floor_ms"] > 0 for r in rows)
