@@ -18,6 +18,7 @@ import jax
 from pallas_kernels import add_rms_norm as _norm
 from pallas_kernels import draft_block_attention as _draft_block
 from pallas_kernels import fused_verify as _verify
+from pallas_kernels import grouped_matmul as _grouped
 from pallas_kernels import markov_sample as _markov
 from pallas_kernels import ragged_paged_attention as _ragged
 
@@ -87,3 +88,9 @@ def markov_sample(base, anchors, w1, w2, uniforms, sampling):
     """(tokens, probs) of the Markov sampling loop (vanilla head, or none when w1 is None)."""
     fn, extra = _pick(_markov, "markov_sample")
     return fn(base, anchors, w1, w2, uniforms, sampling, **extra)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, rhs_scales=None):
+    """MoE expert matmul over rows grouped by expert; rhs [G, K, N] bf16 or quantized with rhs_scales."""
+    fn, extra = _pick(_grouped, "grouped_matmul")
+    return fn(lhs, rhs, group_sizes, rhs_scales, **extra)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KERNELS = ("ragged_paged_attention", "draft_block_attention", "add_rms_norm", "vocab_stats", "fused_verify",
-           "markov_sample")
+           "markov_sample", "grouped_matmul")
 L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
 
 
