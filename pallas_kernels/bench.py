@@ -115,8 +115,10 @@ class Bench:
         self._save()
         ratio = f"{row['ratio_to_best']:.2f}x vs {best}" if best else "no alternative"
         verdict = {True: "met", False: "MISSED", None: "-"}[met]
+        variants = "".join(f"; {k} {v:.4f} ms" if isinstance(v, float) else f"; {k} failed"
+                           for k, v in extra.get("variants", {}).items())
         print(f"  {kernel:24s} {case:34s} {ms:9.4f} ms  floor {floor:8.4f}  {100 * floor / ms:5.1f}% bw  {ratio:28s}"
-              f" bar [{bar}] {verdict}{'  ' + note if note else ''}", flush=True)
+              f" bar [{bar}] {verdict}{'  ' + note if note else ''}{variants}", flush=True)
 
     def attempt(self, fn, *args) -> float | str:
         """Time an alternative; its failure (unsupported shape, out of memory) is recorded, not fatal."""

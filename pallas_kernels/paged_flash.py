@@ -117,18 +117,33 @@ def unsupported_reason(q_dtype, kv_dtype, num_heads: int, num_kv_heads: int, hea
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Overrides of the plan's choices (None: the heuristic), for benchmarks and tests."""
+
+    block_kv: int | None = None  # keys per pipeline stage (a multiple of 64)
+    stages: int | None = None  # key blocks in flight
+    splits: int | None = None  # ways the key range is split across CTAs
+
+
+# Other settings the benchmark times next to the default (their times pick the next default).
+VARIANTS = {"block_kv=128": Tuning(block_kv=128), "stages=2": Tuning(stages=2)}
+
+
 def make_plan(*, num_heads, num_kv_heads, head_dim, page_size, pages_per_row, rows, max_q_len, dtype,
-              splits: int | None = None) -> Plan:
+              tuning: Tuning | None = None) -> Plan:
     """Block sizes, pipeline depth and KV splits for these static shapes."""
+    tuning = tuning or Tuning()
     heads_per_block = min(num_heads // num_kv_heads, ROWS)
     tokens_per_block = ROWS // heads_per_block
     q_blocks = -(-max_q_len // tokens_per_block)
     itemsize = jnp.dtype(dtype).itemsize
-    block_kv = 64
+    block_kv = tuning.block_kv or 64
     fixed = ROWS * head_dim * itemsize + ROWS * min(head_dim, OUT_CHUNK) * 4 + ROWS * block_kv * itemsize + 2048
     stage = 2 * block_kv * head_dim * itemsize
-    stages = max(2, min(4, (SMEM_BYTES - fixed) // stage))
+    stages = tuning.stages or max(2, min(4, (SMEM_BYTES - fixed) // stage))
     kv_blocks = -(-pages_per_row * page_size // block_kv)
+    splits = tuning.splits
     if splits is None:
         ctas = rows * (num_heads // heads_per_block) * q_blocks
         # Enough CTAs to fill every SM twice, but no split shorter than 4 key blocks.

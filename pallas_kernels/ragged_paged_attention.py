@@ -26,8 +26,8 @@ from pallas_kernels.common import masked_attention
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, *, max_q_len: int, scale: float,
                            sliding_window: int | None = None, sinks=None, interpret: bool = False,
-                           splits: int | None = None):
-    """The Pallas kernel (same contract as the reference); `splits` overrides the KV-split heuristic."""
+                           tuning: paged_flash.Tuning | None = None):
+    """The Pallas kernel (same contract as the reference); `tuning` overrides block sizes and splits."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     if paged_flash.unsupported_reason(q.dtype, k_pages.dtype, num_heads, num_kv_heads, head_dim, page_size,
@@ -38,7 +38,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     rows, pages_per_row = page_table.shape
     plan = paged_flash.make_plan(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                  page_size=page_size, pages_per_row=pages_per_row, rows=rows, max_q_len=max_q_len,
-                                 dtype=q.dtype, splits=splits)
+                                 dtype=q.dtype, tuning=tuning)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     slot = jnp.arange(plan.q_blocks * plan.tokens_per_block)
@@ -149,7 +149,8 @@ def gpu_checks(bench):
             args, _ = _inputs(jax.random.key(100 + i), q_lens, context, heads=heads, kv_heads=kv_heads,
                               head_dim=head_dim, page_size=page_size, sinks=sinks, pad_tokens=3)
             scale = head_dim ** -0.5
-            out = _call(ragged_paged_attention, max(q_lens), scale, window, splits=splits)(*args)
+            out = _call(ragged_paged_attention, max(q_lens), scale, window,
+                        tuning=paged_flash.Tuning(splits=splits))(*args)
             up = [a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a for a in args]
             ref = _call(ragged_paged_attention_reference, max(q_lens), scale, window)(*up)
             out = np.asarray(out.astype(jnp.float32))
@@ -215,6 +216,9 @@ def _bench_case(bench, case, model, rows, q_len, context):
                                                               lens, k_splits=max(1, min(16, pages // 8))))
         alternatives["jax_triton_paged"] = bench.attempt(fn, triton)
     flops = 4 * rows * q_len * heads * head_dim * (context + (q_len + 1) / 2)
+    variants = {} if reason else {name: bench.attempt(_call(ragged_paged_attention, q_len, scale, window,
+                                                            tuning=tuning), sets)
+                                  for name, tuning in paged_flash.VARIANTS.items()}
     if reason:
         bench.record("ragged_paged_attention", case, ms=ms, bytes_moved=cache_bytes + q_bytes,
                      alternatives=alternatives, bar="n/a", met=None,
@@ -224,9 +228,10 @@ def _bench_case(bench, case, model, rows, q_len, context):
         cudnn = alternatives.get("cudnn_dense")
         met = isinstance(cudnn, float) and cudnn / ms >= 0.9
         bench.record("ragged_paged_attention", case, ms=ms, bytes_moved=cache_bytes + q_bytes,
-                     alternatives=alternatives, bar=">= 0.9x cuDNN", met=met, tflops=flops / ms * 1e-9)
+                     alternatives=alternatives, bar=">= 0.9x cuDNN", met=met, tflops=flops / ms * 1e-9,
+                     variants=variants)
     else:
         share = bench.floor_ms(cache_bytes + q_bytes) / ms
         bench.record("ragged_paged_attention", case, ms=ms, bytes_moved=cache_bytes + q_bytes,
                      alternatives=alternatives, bar=">= 80% of bandwidth", met=share >= 0.8,
-                     tflops=flops / ms * 1e-9)
+                     tflops=flops / ms * 1e-9, variants=variants)

@@ -72,7 +72,7 @@ def test_ragged_paged_attention_matches_reference(name):
     sinks = jnp.asarray(rng.standard_normal(heads), jnp.float32) if with_sinks else None
     kw = dict(max_q_len=max(q_lens), scale=head_dim ** -0.5, sliding_window=window, sinks=sinks)
     args = (q, k, v, table, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(cu))
-    out = rpa.ragged_paged_attention(*args, interpret=True, splits=splits, **kw)
+    out = rpa.ragged_paged_attention(*args, interpret=True, tuning=paged_flash.Tuning(splits=splits), **kw)
     ref = rpa.ragged_paged_attention_reference(*args, **kw)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert np.all(np.isfinite(np.asarray(out))), "NaN: an unwritten output or a read outside the request's pages"
@@ -101,7 +101,8 @@ def test_kernel_writes_every_row_of_every_active_block():
     q_lens, kv_lens = np.array([5, 0, 1]), np.array([5, 12, 200])
     k, v, table = _paged(rng, kv_lens, 16, 1, 64, jnp.float32)
     plan = paged_flash.make_plan(num_heads=16, num_kv_heads=1, head_dim=64, page_size=16,
-                                 pages_per_row=table.shape[1], rows=3, max_q_len=5, dtype=jnp.float32, splits=4)
+                                 pages_per_row=table.shape[1], rows=3, max_q_len=5, dtype=jnp.float32,
+                                 tuning=paged_flash.Tuning(splits=4))
     q = jnp.asarray(rng.standard_normal((3, plan.q_blocks * plan.tokens_per_block, 16, 64)), jnp.float32)
     out, lse = paged_flash.paged_flash(paged_flash.to_blocks(q, plan), k, v, table, jnp.asarray(q_lens),
                                        jnp.asarray(kv_lens - q_lens), jnp.asarray(kv_lens), plan=plan, scale=0.125,
@@ -122,7 +123,7 @@ def test_no_races_in_the_key_pipeline():
     k, v, table = _paged(rng, kv_lens, 16, 1, 64, jnp.float32)
     q = jnp.asarray(rng.standard_normal((6, 4, 64)), jnp.float32)
     out = rpa.ragged_paged_attention(q, k, v, table, jnp.asarray(kv_lens, jnp.int32), jnp.asarray([0, 4, 6], jnp.int32),
-                                     max_q_len=4, scale=0.125, splits=1,
+                                     max_q_len=4, scale=0.125, tuning=paged_flash.Tuning(splits=1),
                                      interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready(out)
     assert not get_races().races_found
@@ -142,7 +143,7 @@ def test_draft_block_attention_matches_reference(gamma, context, heads, kv_heads
     args = (rand(rows, gamma, heads, head_dim), rand(rows, gamma, kv_heads, head_dim),
             rand(rows, gamma, kv_heads, head_dim), k, v, table, jnp.asarray(context, jnp.int32))
     kw = dict(scale=head_dim ** -0.5, sliding_window=window)
-    out = dba.draft_block_attention(*args, interpret=True, splits=splits, **kw)
+    out = dba.draft_block_attention(*args, interpret=True, tuning=paged_flash.Tuning(splits=splits), **kw)
     ref = dba.draft_block_attention_reference(*args, **kw)
     assert np.all(np.isfinite(np.asarray(out)))
     assert _rel_err(out, ref) < 1e-5
@@ -163,25 +164,26 @@ def test_unsupported_shapes_fall_back_to_the_reference():
 
 
 LOWERING = {
-    # (tokens, rows, pages per row, heads, kv heads, head_dim, page size, max q len, window, sinks)
-    "qwen3_decode": (64, 64, 64, 32, 8, 128, 16, 1, None, False),
-    "qwen3_verify": (512, 64, 64, 32, 8, 128, 16, 8, None, False),
-    "qwen3_long_decode": (1, 1, 2048, 32, 8, 128, 16, 1, None, False),
-    "qwen3_prefill": (2048, 4, 128, 32, 8, 128, 64, 512, None, False),
-    "smollm2_verify": (32, 4, 8, 9, 3, 64, 16, 8, None, False),
-    "gemma_sliding_256": (64, 8, 64, 16, 8, 256, 16, 8, 1024, False),
-    "mqa_64_heads_window_sinks": (16, 2, 64, 64, 1, 128, 16, 8, 128, True),
+    # (tokens, rows, pages per row, heads, kv heads, head_dim, page size, max q len, window, sinks, block_kv)
+    "qwen3_decode": (64, 64, 64, 32, 8, 128, 16, 1, None, False, None),
+    "qwen3_verify": (512, 64, 64, 32, 8, 128, 16, 8, None, False, None),
+    "qwen3_verify_block_kv_128": (512, 64, 64, 32, 8, 128, 16, 8, None, False, 128),
+    "qwen3_long_decode": (1, 1, 2048, 32, 8, 128, 16, 1, None, False, None),
+    "qwen3_prefill": (2048, 4, 128, 32, 8, 128, 64, 512, None, False, None),
+    "smollm2_verify": (32, 4, 8, 9, 3, 64, 16, 8, None, False, None),
+    "gemma_sliding_256": (64, 8, 64, 16, 8, 256, 16, 8, 1024, False, None),
+    "mqa_64_heads_window_sinks": (16, 2, 64, 64, 1, 128, 16, 8, 128, True, None),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LOWERING))
 def test_lowers_to_mosaic_gpu(name):
     """Mosaic GPU lowering (layout inference, wgmma shapes, shared-memory budget) for real model shapes."""
-    tokens, rows, pages, heads, kv_heads, head_dim, page_size, max_q_len, window, with_sinks = LOWERING[name]
+    tokens, rows, pages, heads, kv_heads, head_dim, page_size, max_q_len, window, with_sinks, block_kv = LOWERING[name]
     sds = jax.ShapeDtypeStruct
     pool = sds((rows * pages + 1, page_size, kv_heads, head_dim), jnp.bfloat16)
     fn = functools.partial(rpa.ragged_paged_attention, max_q_len=max_q_len, scale=head_dim ** -0.5,
-                           sliding_window=window)
+                           sliding_window=window, tuning=paged_flash.Tuning(block_kv=block_kv))
     lowered = jax.jit(lambda q, k, v, t, kl, cu, s: fn(q, k, v, t, kl, cu, sinks=s)).trace(
         sds((tokens, heads, head_dim), jnp.bfloat16), pool, pool, sds((rows, pages), jnp.int32),
         sds((rows,), jnp.int32), sds((rows + 1,), jnp.int32), sds((heads,), jnp.float32) if with_sinks else None,
