@@ -1,9 +1,11 @@
 """The Pallas kernels on a GPU: correctness against their references, then timings against the alternatives.
 
-    python -m pallas_kernels.bench --out kernels.json [--check] [--quick] [--kernels NAME,...]
+    python -m pallas_kernels.bench --out kernels.json [--check] [--sweep quick|default|full] [--kernels NAME,...]
 
 `--check` first runs every kernel against its reference on fresh random inputs at several shapes
-(a pass/fail table with shapes, error norms and exception text). The benchmark then times each
+(a pass/fail table with shapes, error norms and exception text). `--check` with the default
+sweep takes about 7 minutes on an H100 (mostly compilation); `full` covers every batch × context
+combination, `quick` one or two shapes per kernel. The benchmark then times each
 kernel at realistic shapes (Qwen3-4B/8B, V4-Flash dimensions; batch 1–128; context 1k–32k;
 V = 151,936) next to the alternatives in the same process, and reports the bytes-moved floor
 over the copy bandwidth measured in the same run, the share of that bandwidth achieved, the
@@ -35,8 +37,8 @@ L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
 class Bench:
     """Timing, bandwidth and the result tables shared by every kernel's check and benchmark entries."""
 
-    def __init__(self, out_path: str, quick: bool):
-        self.out_path, self.quick = out_path, quick
+    def __init__(self, out_path: str, sweep: str):
+        self.out_path, self.sweep = out_path, sweep
         self.results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                         "date": time.strftime("%Y-%m-%d"), "checks": [], "benchmarks": []}
         self.timing = self._pick_timing()
@@ -47,6 +49,10 @@ class Bench:
         self.results["copy_bandwidth_GBps"] = self.bandwidth / 1e9
         print(f"{self.results['device']}: copy bandwidth {self.bandwidth / 1e9:.0f} GB/s, timing by {self.timing}",
               flush=True)
+
+    def pick(self, *, quick, default, full):
+        """The shapes of this sweep."""
+        return {"quick": quick, "default": default, "full": full}[self.sweep]
 
     @staticmethod
     def _pick_timing() -> str:
@@ -149,7 +155,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file for the results")
     parser.add_argument("--check", action="store_true", help="run the correctness checks first")
-    parser.add_argument("--quick", action="store_true", help="fewer benchmark shapes")
+    parser.add_argument("--sweep", choices=("quick", "default", "full"), default="default",
+                        help="how many benchmark shapes")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {','.join(KERNELS)}")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
@@ -158,7 +165,7 @@ def main():
     unknown = sorted(set(names) - set(KERNELS))
     if unknown:
         raise SystemExit(f"--kernels: unknown {unknown}; expected names from {list(KERNELS)}")
-    bench = Bench(args.out, args.quick)
+    bench = Bench(args.out, args.sweep)
     modules = {name: importlib.import_module(f"pallas_kernels.{name}") for name in names}
     if args.check:
         print("checks (kernel vs reference on fresh random inputs):", flush=True)

@@ -131,11 +131,9 @@ def gpu_checks(bench):
 
 
 def benchmark(bench):
-    rows_set, contexts = ((1, 64), (1024, 8192)) if bench.quick else ((1, 16, 64, 128), (1024, 8192, 32768))
-    for rows in rows_set:
-        for context in contexts:
-            if rows * context <= 2**21:
-                _bench_case(bench, f"qwen3 draft gamma=7 R={rows} ctx={context}", QWEN3_DRAFT, rows, 7, context)
+    full = [(r, c) for r in (1, 16, 64, 128) for c in (1024, 8192, 32768) if r * c <= 2**21]
+    for rows, context in bench.pick(quick=[(64, 1024)], default=[(1, 1024), (64, 1024), (64, 8192)], full=full):
+        _bench_case(bench, f"qwen3 draft gamma=7 R={rows} ctx={context}", QWEN3_DRAFT, rows, 7, context)
 
 
 def _bench_case(bench, case, model, rows, gamma, context):

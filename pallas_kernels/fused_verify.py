@@ -156,7 +156,7 @@ def benchmark(bench):
     from pallas_kernels.bench import qwen3_4b_round_bytes
 
     gamma = 7
-    for rows in ((1, 64) if bench.quick else (1, 16, 64, 128)):
+    for rows in bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128)):
         for mode, setting in MODES.items():
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, sampling),

@@ -101,8 +101,8 @@ def benchmark(bench):
 
     experts, top_k = V4_FLASH["experts"], V4_FLASH["top_k"]
     shapes = {"gate_up": (V4_FLASH["hidden"], 2 * V4_FLASH["width"]), "down": (V4_FLASH["width"], V4_FLASH["hidden"])}
-    for tokens in ((64, 4096) if bench.quick else (1, 16, 64, 128, 4096)):
-        for name, (k, n) in shapes.items():
+    for tokens in bench.pick(quick=(64,), default=(64, 4096), full=(1, 16, 64, 128, 4096)):
+        for name, (k, n) in (shapes if bench.sweep == "full" else {"gate_up": shapes["gate_up"]}).items():
             for quantized in (False, True):
                 sets = [_inputs(jax.random.key(0), tokens, k, n, experts, top_k, quantized)]  # weights ≫ L2
                 ms = bench.time(jax.jit(grouped_matmul), sets)

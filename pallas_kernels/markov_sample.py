@@ -128,7 +128,7 @@ def benchmark(bench):
     from pallas_kernels.fused_verify import MODES, sampling_of
 
     gamma = 7
-    for rows in ((1, 64) if bench.quick else (1, 16, 64, 128)):
+    for rows in bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128)):
         for mode, setting in MODES.items():
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, RANK),

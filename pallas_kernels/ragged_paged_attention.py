@@ -172,14 +172,18 @@ def _dense(args, kv_lens):
 
 
 def benchmark(bench):
-    rows_set, contexts = ((1, 64), (1024, 8192)) if bench.quick else ((1, 16, 64, 128), (1024, 8192, 32768))
-    cases = [("decode", r, 1, c) for r in rows_set for c in contexts if r * c <= 2**21]
-    cases += [("verify", r, 8, c) for r in rows_set if r <= 64 for c in contexts[:2]]
+    full = [("decode", r, 1, c) for r in (1, 16, 64, 128) for c in (1024, 8192, 32768) if r * c <= 2**21]
+    full += [("verify", r, 8, c) for r in (1, 16, 64) for c in (1024, 8192)]
+    default = [("decode", 1, 1, 1024), ("decode", 1, 1, 32768), ("decode", 64, 1, 1024), ("decode", 64, 1, 8192),
+               ("decode", 128, 1, 8192), ("verify", 1, 8, 1024), ("verify", 16, 8, 8192), ("verify", 64, 8, 1024),
+               ("verify", 64, 8, 8192)]
+    cases = bench.pick(quick=[("decode", 64, 1, 1024), ("verify", 64, 8, 1024)], default=default, full=full)
     for kind, rows, q_len, context in cases:
         _bench_case(bench, f"qwen3 {kind} R={rows} ctx={context}", QWEN3, rows, q_len, context)
     _bench_case(bench, "qwen3 prefill 1x2048", QWEN3, 1, 2048, 0)
-    _bench_case(bench, "qwen3 prefill 4x512 after 1536", QWEN3, 4, 512, 1536)
-    _bench_case(bench, "v4-flash decode R=16 ctx=8192 window", V4_FLASH, 16, 1, 8192)
+    if bench.sweep != "quick":
+        _bench_case(bench, "qwen3 prefill 4x512 after 1536", QWEN3, 4, 512, 1536)
+        _bench_case(bench, "v4-flash decode R=16 ctx=8192 window", V4_FLASH, 16, 1, 8192)
 
 
 def _bench_case(bench, case, model, rows, q_len, context):
@@ -216,9 +220,9 @@ def _bench_case(bench, case, model, rows, q_len, context):
                                                               lens, k_splits=max(1, min(16, pages // 8))))
         alternatives["jax_triton_paged"] = bench.attempt(fn, triton)
     flops = 4 * rows * q_len * heads * head_dim * (context + (q_len + 1) / 2)
-    variants = {} if reason else {name: bench.attempt(_call(ragged_paged_attention, q_len, scale, window,
-                                                            tuning=tuning), sets)
-                                  for name, tuning in paged_flash.VARIANTS.items()}
+    variants = {} if reason or (rows < 64 and bench.sweep != "full") else {
+        name: bench.attempt(_call(ragged_paged_attention, q_len, scale, window, tuning=tuning), sets)
+        for name, tuning in paged_flash.VARIANTS.items()}
     if reason:
         bench.record("ragged_paged_attention", case, ms=ms, bytes_moved=cache_bytes + q_bytes,
                      alternatives=alternatives, bar="n/a", met=None,

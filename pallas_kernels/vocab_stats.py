@@ -188,7 +188,7 @@ def gpu_checks(bench):
 
 
 def benchmark(bench):
-    for rows in ((64, 512) if bench.quick else (8, 64, 512, 1024)):
+    for rows in bench.pick(quick=(512,), default=(64, 512), full=(8, 64, 512, 1024)):
         sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, VOCAB, jnp.float32, False, False),
                             rows * VOCAB * 4)
         ms = bench.time(jax.jit(vocab_stats), sets)

@@ -19,7 +19,7 @@ from pallas_kernels import ragged_paged_attention as rpa
 
 class OneRun(bench_module.Bench):
     def __init__(self, out_path):
-        self.out_path, self.quick, self.timing = out_path, True, "none"
+        self.out_path, self.sweep, self.timing = out_path, "quick", "none"
         self.results = {"checks": [], "benchmarks": []}
         self.bandwidth = 1e12
 
@@ -87,5 +87,5 @@ def test_sampling_checks_and_benchmark_rows(one_run, monkeypatch):
     results = json.load(open(one_run.out_path))
     assert [c["status"] for c in results["checks"]] == ["PASS"] * 2, results["checks"]
     rows = results["benchmarks"]
-    assert [r["kernel"] for r in rows] == ["fused_verify"] * 2 + ["markov_sample"] * 2
+    assert [r["kernel"] for r in rows] == ["fused_verify", "markov_sample"]  # the quick sweep: R=64 only
     assert all(isinstance(r["alternatives"]["xla_reference"], float) and r["round_floor_ms"] > 0 for r in rows)
