@@ -139,7 +139,7 @@ def gpu_checks(bench):
 
 
 def benchmark(bench):
-    rows_set = bench.pick(quick=(4096,), default=(64, 4096, 16384), full=(1, 64, 512, 4096, 16384))
+    rows_set = bench.pick(quick=(4096,), default=(64, 16384), full=(1, 64, 512, 4096, 16384))
     for model, width in WIDTHS.items():
         for rows in rows_set:
             _bench_case(bench, f"{model} rows={rows} width={width}", rows, width)

@@ -3,9 +3,10 @@
     python -m pallas_kernels.bench --out kernels.json [--check] [--sweep quick|default|full] [--kernels NAME,...]
 
 `--check` first runs every kernel against its reference on fresh random inputs at several shapes
-(a pass/fail table with shapes, error norms and exception text). `--check` with the default
-sweep takes about 7 minutes on an H100 (mostly compilation); `full` covers every batch × context
-combination, `quick` one or two shapes per kernel. The benchmark then times each
+(a pass/fail table with shapes, error norms and exception text). New timings stop starting once
+`--budget-s` (420 s) have passed since launch, so `--check` with the default sweep ends within
+8 minutes on an H100 (mostly compilation); `full` covers every batch × context combination,
+`quick` one or two shapes per kernel. The benchmark then times each
 kernel at realistic shapes (Qwen3-4B/8B, V4-Flash dimensions; batch 1–128; context 1k–32k;
 V = 151,936) next to the alternatives in the same process, and reports the bytes-moved floor
 over the copy bandwidth measured in the same run, the share of that bandwidth achieved, the
@@ -29,6 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+class OverBudget(Exception):
+    """The run has used its time budget; the remaining benchmarks are skipped."""
+
+
 KERNELS = ("ragged_paged_attention", "draft_block_attention", "add_rms_norm", "vocab_stats", "fused_verify",
            "markov_sample", "grouped_matmul")
 L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
@@ -37,8 +42,9 @@ L2_BYTES = 50 * 2**20  # H100 (the H200's is 60 MB)
 class Bench:
     """Timing, bandwidth and the result tables shared by every kernel's check and benchmark entries."""
 
-    def __init__(self, out_path: str, sweep: str):
+    def __init__(self, out_path: str, sweep: str, budget_s: float = float("inf")):
         self.out_path, self.sweep = out_path, sweep
+        self.deadline = time.monotonic() + budget_s
         self.results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                         "date": time.strftime("%Y-%m-%d"), "checks": [], "benchmarks": []}
         self.timing = self._pick_timing()
@@ -66,6 +72,9 @@ class Bench:
 
     def time(self, fn, arg_sets, repeats: int = 20) -> float:
         """Median milliseconds of one fn(*args), cycling through arg_sets (already on the device)."""
+        if time.monotonic() > self.deadline:
+            raise OverBudget()
+
         def run_all():
             return [fn(*args) for args in arg_sets]
 
@@ -130,6 +139,8 @@ class Bench:
         """Time an alternative; its failure (unsupported shape, out of memory) is recorded, not fatal."""
         try:
             return self.time(fn, *args)
+        except OverBudget:
+            raise
         except Exception as e:  # noqa: BLE001
             return f"{type(e).__name__}: {str(e)[:200]}"
 
@@ -158,6 +169,8 @@ def main():
     parser.add_argument("--sweep", choices=("quick", "default", "full"), default="default",
                         help="how many benchmark shapes")
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {','.join(KERNELS)}")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="stop starting new benchmark timings after this many seconds (the rest is skipped)")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         raise SystemExit("pallas_kernels.bench needs a CUDA GPU (the CPU tests run the kernels in interpret mode)")
@@ -165,7 +178,7 @@ def main():
     unknown = sorted(set(names) - set(KERNELS))
     if unknown:
         raise SystemExit(f"--kernels: unknown {unknown}; expected names from {list(KERNELS)}")
-    bench = Bench(args.out, args.sweep)
+    bench = Bench(args.out, args.sweep, args.budget_s)
     modules = {name: importlib.import_module(f"pallas_kernels.{name}") for name in names}
     if args.check:
         print("checks (kernel vs reference on fresh random inputs):", flush=True)
@@ -175,6 +188,10 @@ def main():
     for name, module in modules.items():
         try:
             module.benchmark(bench)
+        except OverBudget:
+            bench.results["benchmarks"].append({"kernel": name, "error": f"skipped: --budget-s {args.budget_s} spent"})
+            bench._save()
+            print(f"  {name}: skipped, time budget spent", flush=True)
         except Exception as e:  # noqa: BLE001 - keep the other kernels' numbers
             bench.results["benchmarks"].append({"kernel": name, "error": f"{type(e).__name__}: {e}",
                                                 "traceback": traceback.format_exc()[-3000:]})
