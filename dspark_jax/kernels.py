@@ -15,7 +15,11 @@ import contextvars
 
 import jax
 
+from pallas_kernels import add_rms_norm as _norm
 from pallas_kernels import draft_block_attention as _draft_block
+from pallas_kernels import fused_verify as _verify
+from pallas_kernels import grouped_matmul as _grouped
+from pallas_kernels import markov_sample as _markov
 from pallas_kernels import ragged_paged_attention as _ragged
 
 BACKENDS = ("auto", "xla", "pallas", "interpret")
@@ -66,3 +70,27 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 def draft_block_attention(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw):
     fn, extra = _pick(_draft_block, "draft_block_attention")
     return fn(q, k_block, v_block, k_pages, v_pages, page_table, ctx_lens, **kw, **extra)
+
+
+def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False):
+    """(x + delta, RMSNorm(x + delta)) in one pass; weight None = no scale."""
+    fn, extra = _pick(_norm, "add_rms_norm")
+    return fn(x, delta, weight, eps=eps, scale_in_fp32=scale_in_fp32, **extra)
+
+
+def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling):
+    """(num_accepted, next_token) of speculative verification with the uniforms already drawn."""
+    fn, extra = _pick(_verify, "fused_verify")
+    return fn(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling, **extra)
+
+
+def markov_sample(base, anchors, w1, w2, uniforms, sampling):
+    """(tokens, probs) of the Markov sampling loop (vanilla head, or none when w1 is None)."""
+    fn, extra = _pick(_markov, "markov_sample")
+    return fn(base, anchors, w1, w2, uniforms, sampling, **extra)
+
+
+def grouped_matmul(lhs, rhs, group_sizes, rhs_scales=None):
+    """MoE expert matmul over rows grouped by expert; rhs [G, K, N] bf16 or quantized with rhs_scales."""
+    fn, extra = _pick(_grouped, "grouped_matmul")
+    return fn(lhs, rhs, group_sizes, rhs_scales, **extra)

@@ -24,7 +24,7 @@ from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models import decoder_layer
 from dspark_jax.models.attention import DenseDraftBlocks, DraftBlock, LayerKV
 from dspark_jax.models.common import RMSNorm, linear, normal_init
-from dspark_jax.spec.sampling import sample_from_probs, warp_probs
+from dspark_jax.spec.sampling import sample_from_probs, uniform_from_keys, warp_probs
 
 
 class MarkovHead(nnx.Module):
@@ -198,23 +198,33 @@ class DSparkDraft(nnx.Module):
         hidden [R, γ, H] and base logits [R, γ, V] come from the parallel stage; keys [R, γ].
         Returns (tokens [R, γ], probs [R, γ, V] fp32, confidence logits [R, γ] or None).
         """
-        rows, gamma = hidden.shape[:2]
+        head = self.markov_head
+        if head is None or head.kind == "vanilla":  # the loop the kernel dispatch covers
+            w1 = w2 = None
+            if head is not None:
+                w1 = head.markov_w1.embedding[...].astype(head.markov_w1.dtype)  # as nnx.Embed promotes it
+                w2 = head.markov_w2.kernel[...]
+            tokens, probs = kernels.markov_sample(base, anchors, w1, w2, uniform_from_keys(keys), sampling)
+        else:
+            tokens, probs = self._sample_recurrent(hidden, base, anchors, sampling, keys)
+        if self.confidence_head is None:
+            return tokens, probs, None
+        prev = jnp.concatenate([anchors[:, None], tokens[:, :-1]], axis=1)
+        conf = [self.confidence_logits(hidden[:, k], prev[:, k]) for k in range(tokens.shape[1])]
+        return tokens, probs, jnp.stack(conf, 1)
+
+    def _sample_recurrent(self, hidden, base, anchors, sampling, keys):
+        """The gated and RNN heads' loop: their bias depends on the block's hidden states and a state."""
         prev = anchors
-        rnn_state = self.markov_head.initial_state((rows,), hidden.dtype) if self.markov_head is not None else None
-        tokens, probs, conf = [], [], []
-        for k in range(gamma):
-            logits = base[:, k]
-            if self.markov_head is not None:
-                rnn_state, bias = self.markov_head.step(rnn_state, prev, hidden[:, k])
-                logits = logits + bias
-            q = warp_probs(logits, sampling)
-            token = sample_from_probs(q, keys[:, k])
-            if self.confidence_head is not None:
-                conf.append(self.confidence_logits(hidden[:, k], prev))
-            tokens.append(token)
+        state = self.markov_head.initial_state((hidden.shape[0],), hidden.dtype)
+        tokens, probs = [], []
+        for k in range(hidden.shape[1]):
+            state, bias = self.markov_head.step(state, prev, hidden[:, k])
+            q = warp_probs(base[:, k] + bias, sampling)
+            prev = sample_from_probs(q, keys[:, k])
+            tokens.append(prev)
             probs.append(q)
-            prev = token
-        return jnp.stack(tokens, 1), jnp.stack(probs, 1), jnp.stack(conf, 1) if conf else None
+        return jnp.stack(tokens, 1), jnp.stack(probs, 1)
 
     def propose(self, target, state: ContextCache, inputs: ProposeInputs):
         hidden = self.backbone(target, state, inputs.anchors, inputs.lens, inputs.page_table, inputs.gamma)

@@ -35,8 +35,8 @@ class Eagle3Layer(nnx.Module):
 
     def __call__(self, embeds, hidden, positions, attn, layer: int = 0):
         x = jnp.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
-        hidden = hidden + self.self_attn(x, positions, attn, layer)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        hidden, normed = self.post_attention_layernorm.add_and_norm(hidden, self.self_attn(x, positions, attn, layer))
+        return hidden + self.mlp(normed)
 
 
 @jax.tree_util.register_dataclass

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import kernels
 from dspark_jax.config import RopeScaling
+from pallas_kernels.add_rms_norm import rms_norm_reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -45,14 +47,13 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype)) if with_scale else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.weight is None:
-            return normed.astype(dtype)
-        if self.scale_in_fp32:
-            return (normed * self.weight[...].astype(jnp.float32)).astype(dtype)
-        return self.weight[...] * normed.astype(dtype)
+        weight = None if self.weight is None else self.weight[...]
+        return rms_norm_reference(x, weight, eps=self.eps, scale_in_fp32=self.scale_in_fp32)
+
+    def add_and_norm(self, x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(h, norm(h)) for the residual update h = x + delta, fused where a kernel is available."""
+        weight = None if self.weight is None else self.weight[...]
+        return kernels.add_rms_norm(x, delta, weight, eps=self.eps, scale_in_fp32=self.scale_in_fp32)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None,

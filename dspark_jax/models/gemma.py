@@ -73,8 +73,9 @@ class Gemma4DecoderLayer(nnx.Module):
         self.layer_scalar = nnx.Param(jnp.ones((1,), dtype))
 
     def __call__(self, x, positions, attn, layer: int):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, attn, layer))
-        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x, normed = self.pre_feedforward_layernorm.add_and_norm(
+            x, self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, attn, layer)))
+        x = x + self.post_feedforward_layernorm(self.mlp(normed))
         return x * self.layer_scalar[...]
 
 

@@ -65,8 +65,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, act="silu", dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, attn, layer: int):
-        x = x + self.self_attn(self.input_layernorm(x), positions, attn, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, normed = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), positions, attn, layer))
+        return x + self.mlp(normed)
 
 
 class LlamaForCausalLM(nnx.Module):

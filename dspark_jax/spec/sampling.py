@@ -12,6 +12,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+# The warp and the inverse-CDF draw are shared with the kernels' references (pallas_kernels sits
+# below spec in the import order); they read `sampling` through the SamplingArrays fields.
+from pallas_kernels.common import (inverse_cdf, sample_from_probs, uniform_from_keys, warp_logits,  # noqa: F401
+                                   warp_probs)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -52,58 +57,6 @@ class SamplingArrays:
 
     def rows(self, index) -> "SamplingArrays":
         return SamplingArrays(self.temperature[index], self.top_k[index], self.top_p[index], self.filters)
-
-
-def _expand(x, ndim):
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
-
-
-def warp_logits(logits, sampling: SamplingArrays):
-    """Warped logits [..., V] in fp32 (-inf outside top-k/top-p); leading dims start with R.
-
-    Greedy rows are returned unscaled; `warp_probs` turns them into one-hot argmax.
-    """
-    x = logits.astype(jnp.float32)
-    lead = x.ndim - 1
-    temperature = _expand(sampling.temperature, lead)
-    x = x / jnp.where(temperature > 0, temperature, 1.0)[..., None]
-    if not sampling.filters:
-        return x
-    vocab = x.shape[-1]
-    top_k = _expand(sampling.top_k, lead)
-    top_p = _expand(sampling.top_p, lead)
-    ordered = -jnp.sort(-x, axis=-1)  # descending
-    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, vocab - 1)[..., None], axis=-1)
-    k_floor = jnp.where(top_k[..., None] > 0, kth, -jnp.inf)
-    ordered = jnp.where(ordered >= k_floor, ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    kept = (mass_before < top_p[..., None]) & (ordered > -jnp.inf)
-    # The smallest kept value; ties with it stay (the same rule for target and draft).
-    p_floor = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
-    p_floor = jnp.where(top_p[..., None] < 1.0, p_floor, -jnp.inf)
-    return jnp.where(x >= jnp.maximum(k_floor, p_floor), x, -jnp.inf)
-
-
-def warp_probs(logits, sampling: SamplingArrays):
-    """The distribution a token is drawn from: fp32 [..., V], one-hot argmax where temperature is 0."""
-    lead = logits.ndim - 1
-    greedy = _expand(sampling.temperature, lead) == 0
-    probs = jax.nn.softmax(warp_logits(logits, sampling), axis=-1)
-    one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where(greedy[..., None], one_hot, probs)
-
-
-def sample_from_probs(probs, keys):
-    """One draw per row of probs [R, ..., V] (fp32) with keys [R, ...], by inverse CDF.
-
-    u is drawn from (0, 1] and scaled by the row's total mass, so the chosen index is the first
-    whose cumulative mass reaches u: it always has positive probability.
-    """
-    u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys.reshape(-1)).reshape(keys.shape)
-    cdf = jnp.cumsum(probs, axis=-1)
-    idx = jnp.sum(cdf < (u * cdf[..., -1])[..., None], axis=-1)
-    return jnp.clip(idx, 0, probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def sample(logits, sampling: SamplingArrays, keys):

@@ -5,6 +5,8 @@ right; at the first rejection the replacement is drawn from normalize(max(p_k �
 are accepted a bonus token is drawn from p_{ℓ+1}. p is the target's warped distribution, q the
 distribution each draft token was actually drawn from. The committed tokens are then distributed
 exactly as the target's own samples. At temperature 0 both are one-hot and this is argmax matching.
+The uniforms are drawn here; the tests and the draw run in `kernels.fused_verify` (a fused
+kernel, or its reference pallas_kernels.fused_verify).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.spec.sampling import SamplingArrays, sample_from_probs, warp_probs
+from dspark_jax import kernels
+from dspark_jax.spec.sampling import SamplingArrays, uniform_from_keys
 
 
 def _row_keys(key, rows: int):
@@ -37,28 +40,6 @@ def verify(target_logits, draft_tokens, draft_probs, lengths, key, sampling: Sam
     keys = _row_keys(key, rows)
     accept_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     resample_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-
-    p = warp_probs(target_logits, sampling)  # [R, γ+1, V]
-    if gamma == 0:
-        return jnp.zeros((rows,), jnp.int32), sample_from_probs(p[:, 0], resample_keys)
-    q = draft_probs.astype(jnp.float32)
-    tokens = draft_tokens[..., None]
-    p_tok = jnp.take_along_axis(p[:, :gamma], tokens, axis=-1)[..., 0]
-    q_tok = jnp.take_along_axis(q, tokens, axis=-1)[..., 0]
-    u = jax.vmap(lambda k: jax.random.uniform(k, (gamma,), jnp.float32))(accept_keys)
-    # u < p/q without dividing; a token the draft could not have drawn (q = 0) is never accepted.
-    accepted = (u * q_tok < p_tok) & (q_tok > 0)
-    accepted &= jnp.arange(gamma)[None, :] < lengths[:, None]
-    num_accepted = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
-
-    # At a rejection (n < ℓ) use the residual at position n; otherwise the bonus p_{ℓ+1} = row n.
-    p_next = jnp.take_along_axis(p, num_accepted[:, None, None], axis=1)[:, 0]
-    q_next = jnp.take_along_axis(q, jnp.minimum(num_accepted, gamma - 1)[:, None, None], axis=1)[:, 0]
-    residual = jnp.maximum(p_next - q_next, 0.0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    # p == q leaves no residual mass; rejection then has probability 0, so p itself is exact.
-    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), p_next)
-    rejected = num_accepted < lengths
-    dist = jnp.where(rejected[:, None], residual, p_next)
-    next_token = sample_from_probs(dist, resample_keys)
-    return num_accepted, next_token
+    accept_u = jax.vmap(lambda k: jax.random.uniform(k, (gamma,), jnp.float32))(accept_keys)
+    return kernels.fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u,
+                                uniform_from_keys(resample_keys), sampling)
