@@ -459,7 +459,7 @@ class TrainConfig(Validated):
     max_length: int = 2048
     min_length: int = 64  # shortest sequence bucket (sequences are padded to a power of two ≥ this)
     min_loss_tokens: int = 14  # conversations with fewer supervised tokens are dropped
-    anchors_per_sequence: int = 512
+    anchors_per_sequence: int = 512  # DSpark/DFlash blocks, or Eagle3 loss origins, per sequence
     learning_rate: float = 6e-4
     warmup_fraction: float = 0.04
     weight_decay: float = 0.0

@@ -84,7 +84,7 @@ class Bench:
         if self.timing == "cupti":
             from jax.experimental.mosaic.gpu import profiler
 
-            _, per_iteration = profiler.measure(run_all, iterations=repeats)
+            _, per_iteration = profiler.measure(run_all, iterations=repeats)()
             return statistics.median(per_iteration) / len(arg_sets)
         times = []
         for _ in range(repeats):

@@ -129,7 +129,7 @@ def test_eagle3_training_time_test_equals_paged_drafting(target, batch):
     draft = randomize_params(create_draft(draft_config("eagle3"), target), seed=4)
     tokens, loss_mask = batch
     features, final_hidden = features_of(target, draft, tokens)
-    plan = losses.eagle3_plan(tokens, loss_mask, GAMMA)
+    plan = losses.eagle3_plan(jax.random.split(jax.random.key(0), 2), tokens, loss_mask, GAMMA, SEQ)
     from dspark_jax.models.attention import TrainTimeTest
 
     attn, hidden, steps = TrainTimeTest(), draft.fc(features), []
@@ -165,9 +165,42 @@ def test_eagle3_training_time_test_equals_paged_drafting(target, batch):
         for s in range(GAMMA):
             np.testing.assert_allclose(np.asarray(steps[s][b, t]), np.asarray(expected[s]), rtol=2e-5, atol=2e-5,
                                        err_msg=f"origin {t} step {s}")
+    # with as many origins as positions, every origin with a supervised step is drawn, in order;
     # the step-s label is x_{t+2+s}, supervised only inside the loss mask
-    assert plan["labels"][0, 9].tolist() == tokens[0, 11:15].tolist()
-    assert plan["mask"][0, 15].tolist() == [True, True, True, False]  # x_20 is outside sequence 0's mask
+    origins = plan["origins"][0].tolist()
+    row = lambda t: origins.index(t)
+    assert plan["labels"][0, row(9)].tolist() == tokens[0, 11:15].tolist()
+    assert plan["mask"][0, row(15)].tolist() == [True, True, True, False]  # x_20 is outside sequence 0's mask
+
+    # the per-step sums at the sampled origins, against NumPy over the steps' hidden states
+    sums = losses.eagle3_sums(draft, target, tokens, features, final_hidden, plan, losses.LossWeights())
+    logits = lambda h: np.asarray(target.logits(h), np.float64)
+    for s in range(GAMMA):
+        expected_soft_ce = expected_ce = 0.0
+        for b in range(2):
+            for n, t in enumerate(plan["origins"][b].tolist()):
+                if not plan["mask"][b, n, s]:
+                    continue
+                log_q = logits(draft.norm(steps[s][b, t]))
+                log_q = log_q - np.log(np.sum(np.exp(log_q - log_q.max()))) - log_q.max()
+                p = logits(final_hidden[b, min(t + 1 + s, SEQ - 1)])
+                p = np.exp(p - p.max()) / np.sum(np.exp(p - p.max()))
+                expected_soft_ce -= np.sum(p * log_q)
+                expected_ce -= log_q[int(plan["labels"][b, n, s])]
+        np.testing.assert_allclose(float(sums["soft_ce"][s]), expected_soft_ce, rtol=1e-4)
+        np.testing.assert_allclose(float(sums["ce"][s]), expected_ce, rtol=1e-4)
+
+
+def test_eagle3_origins_are_a_uniform_subset_of_supervised_positions(batch):
+    tokens, loss_mask = batch
+    plan = losses.eagle3_plan(jax.random.split(jax.random.key(1), 2), tokens, loss_mask, GAMMA, 5)
+    supervised = np.asarray(loss_mask)
+    for b in range(2):
+        origins = plan["origins"][b].tolist()
+        assert origins == sorted(set(origins)) and len(origins) == 5
+        for n, t in enumerate(origins):  # step 0 at origin t is supervised iff x_{t+2} is
+            assert bool(plan["mask"][b, n, 0]) == (t + 2 < SEQ and bool(supervised[b, t + 2]))
+            assert bool(plan["mask"][b, n].any())
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # DSpark / DFlash / Eagle3 drafts for SmolLM2-135M-Instruct, γ=7: regenerate → train → calibrate → eval.
 #
-#   bash train/smollm2.sh regenerate          # answers for the training prompts (target-regenerated)
+#   bash train/smollm2.sh answers             # unpack the shipped answers (train/data/smollm2_answers.tgz)
+#   bash train/smollm2.sh regenerate          # or regenerate them (about 15 minutes on an H100)
 #   bash train/smollm2.sh train DRAFTER       # DRAFTER = dspark | dflash | eagle3; exports runs/smollm2/DRAFTER/draft
 #   bash train/smollm2.sh calibrate dspark    # STS on the held-out training conversations (heads only)
-#   bash train/smollm2.sh eval DRAFTER        # runs/smollm2/DRAFTER/eval.json (+ .png) on the eval prompts
-#   bash train/smollm2.sh table               # docs/results/smollm2_tau.json from the three eval files
+#   bash train/smollm2.sh eval DRAFTER [T]    # runs/smollm2/DRAFTER/eval_tT.json (+ .png) on the eval prompts, T = 1 | 0
+#   bash train/smollm2.sh table               # docs/results/smollm2_tau.json from the six eval files
+#   bash train/smollm2.sh embed               # the calibrated DSpark draft, bf16 and slim, into drafts/smollm2_dspark
 #
-# Every stage stops itself after STAGE_SECONDS (default 420: the step or batch that crosses it,
+# EVAL_LIMIT (first N prompts per set), EVAL_MAX_NEW_TOKENS and EVAL_KERNELS (xla | pallas) shorten
+# or steer the eval stage. Every stage stops itself after STAGE_SECONDS (default 420: the step or batch that crosses it,
 # and a first compile of a new sequence-length bucket, still fit a 10-minute command) with its
 # progress saved; run the same command again until it reports complete / finished (regenerate
 # skips finished parts, train resumes from its last checkpoint, eval skips finished prompt sets). Training uses only
@@ -42,6 +45,8 @@ drafter_settings() {
 
 stage=${1:-}
 case "$stage" in
+  answers)
+    mkdir -p $RUNS && tar xzf train/data/smollm2_answers.tgz -C $RUNS && ls $RUNS/answers | wc -l ;;
   regenerate)
     $PY -m dspark_jax.train.regenerate --config $CONFIG --prompts "$PROMPTS/train" --out $RUNS/answers \
       --max-new-tokens 1024 --max-prompt-tokens 1536 --batch 128 --time-limit "$STAGE_SECONDS" ;;
@@ -53,11 +58,17 @@ case "$stage" in
     $PY -m dspark_jax.train.calibrate --config $CONFIG --draft $RUNS/dspark/draft \
       --prompts $RUNS/dspark/heldout_prompts.jsonl --max-new-tokens 512 --batch 64 ;;
   eval)
+    temperature=${3:-1}
     $PY -m dspark_jax.eval --config $CONFIG --draft "$RUNS/$2/draft" --prompts "$PROMPTS/eval" \
-      --temperature 1.0 --block-size 7 --max-new-tokens 2048 --batch 64 --out "$RUNS/$2/eval.json" ;;
+      --temperature "$temperature" --block-size 7 --max-new-tokens "${EVAL_MAX_NEW_TOKENS:-2048}" --batch 64 \
+      ${EVAL_LIMIT:+--limit $EVAL_LIMIT} ${EVAL_KERNELS:+--set serve.kernels=$EVAL_KERNELS} \
+      --out "$RUNS/$2/eval_t$temperature.json" ;;
   table)
+    # T=1 under the drafter's name, greedy under NAME_greedy
     $PY train/tau_table.py --out docs/results/smollm2_tau.json \
-      dspark=$RUNS/dspark/eval.json dflash=$RUNS/dflash/eval.json eagle3=$RUNS/eagle3/eval.json ;;
+      $(for d in dspark dflash eagle3; do echo "$d=$RUNS/$d/eval_t1.json ${d}_greedy=$RUNS/$d/eval_t0.json"; done) ;;
+  embed)
+    $PY -m dspark_jax.train.slim --config $CONFIG --draft $RUNS/dspark/draft --out drafts/smollm2_dspark ;;
   *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -117,12 +117,17 @@ def load_deepspec_draft(folder: str | Path, target, *, dtype=None):
     return draft
 
 
-def save_deepspec_draft(draft, target, folder: str | Path) -> Path:
-    """Export a draft in DeepSpec's layout (atomically), with STS temperatures when it has them."""
+def save_deepspec_draft(draft, target, folder: str | Path, *, shared: bool = True) -> Path:
+    """Export a draft in DeepSpec's layout (atomically), with STS temperatures when it has them.
+
+    shared=False leaves out the target's embedding and lm_head copies (the loader takes them from
+    the target), which is most of a small draft's bytes.
+    """
     tensors = model_tensors(draft, name_of=deepspec_tensor_name)
-    tensors["embed_tokens.weight"] = target.embed_tokens.embedding[...]
-    tensors["lm_head.weight"] = (target.embed_tokens.embedding[...] if target.lm_head is None
-                                 else target.lm_head.kernel[...].T)
+    if shared:
+        tensors["embed_tokens.weight"] = target.embed_tokens.embedding[...]
+        tensors["lm_head.weight"] = (target.embed_tokens.embedding[...] if target.lm_head is None
+                                     else target.lm_head.kernel[...].T)
     with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(draft_config_to_json(draft.config, target.arch), indent=2))
         save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / "model.safetensors"),

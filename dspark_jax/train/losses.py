@@ -14,7 +14,8 @@ w_k = exp(−k/decay) and divided by Σ w_k · count_k.
 
 Eagle3: training-time test of γ steps (see models.attention.TrainTimeTest); step s at origin t
 predicts x_{t+2+s} and is matched to the target's distribution at t+1+s by soft CE; each step's
-mean is weighted by decay^s (EAGLE-3's own normalisation).
+mean is weighted by decay^s (EAGLE-3's own normalisation). The losses are taken at sampled
+origins, as many per sequence as DSpark has anchors.
 
 Vocabulary-sized logits are never materialised for all rows at once: `vocab_losses` maps over
 row chunks under `jax.checkpoint`, so the backward pass recomputes one chunk at a time too.
@@ -47,13 +48,16 @@ class LossWeights:
 
 
 def sample_anchors(key, loss_mask, num: int):
-    """Up to `num` block anchors of one sequence, uniform without replacement, sorted.
+    """Up to `num` block anchors of one sequence: positions a with loss_mask[a] and loss_mask[a+1]."""
+    return sample_positions(key, loss_mask & jnp.concatenate([loss_mask[1:], jnp.zeros((1,), bool)]), num)
 
-    loss_mask [S] bool. Candidates are positions a with loss_mask[a] and loss_mask[a+1]. Returns
-    (anchors [num] int32, valid [num] bool); missing anchors are dummies at position 0, last.
+
+def sample_positions(key, candidate, num: int):
+    """Up to `num` of the candidate positions [S] of one sequence, uniform without replacement, sorted.
+
+    Returns (positions [num] int32, valid [num] bool); missing ones are dummies at position 0, last.
     """
-    seq = loss_mask.shape[0]
-    candidate = loss_mask & jnp.concatenate([loss_mask[1:], jnp.zeros((1,), bool)])
+    seq = candidate.shape[0]
     # The top `num` of iid uniform scores over the candidates is a uniform subset of them.
     scores = jnp.where(candidate, jax.random.uniform(key, (seq,)), -1.0)
     top, index = jax.lax.top_k(scores, num)
@@ -157,14 +161,22 @@ def dspark_sums(draft, target, tokens, features, final_hidden, plan, weights: Lo
     return {k: jnp.sum(v * mask, axis=(0, 1)) for k, v in stats.items()}
 
 
-def eagle3_plan(tokens, loss_mask, gamma: int):
-    """Eagle3 step masks [B, S, γ]: step s at origin t is supervised when x_{t+2+s} is in the loss mask."""
+def eagle3_plan(keys, tokens, loss_mask, gamma: int, num_origins: int):
+    """Eagle3 supervision of a micro-batch: `num_origins` origins per sequence and their step masks.
+
+    Step s at origin t is supervised when x_{t+2+s} is in the loss mask. Origins are drawn like
+    DSpark's anchors (uniform among those with a supervised step), so both objectives form the
+    same number of vocabulary-sized rows per sequence; the training-time test itself still runs
+    over every position, since later steps attend to earlier origins. Returns origins [B, N],
+    labels and mask [B, N, γ].
+    """
     seq = tokens.shape[1]
-    label_pos = jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :]  # [S, γ]
-    in_range = label_pos < seq
-    labels = tokens[:, jnp.clip(label_pos, 0, seq - 1)]
-    mask = in_range[None] & loss_mask[:, jnp.clip(label_pos, 0, seq - 1)]
-    return dict(labels=labels, mask=mask)
+    label_pos = jnp.clip(jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :], 0, seq - 1)  # [S, γ]
+    in_range = (jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :]) < seq
+    mask = in_range[None] & loss_mask[:, label_pos]  # [B, S, γ]
+    origins, valid = jax.vmap(lambda k, m: sample_positions(k, m.any(-1), num_origins))(keys, mask)
+    at_origins = lambda x: jnp.take_along_axis(x, origins[..., None], axis=1)
+    return dict(origins=origins, labels=at_origins(tokens[:, label_pos]), mask=at_origins(mask) & valid[..., None])
 
 
 def eagle3_counts(plan) -> jax.Array:
@@ -176,6 +188,7 @@ def eagle3_sums(draft, target, tokens, features, final_hidden, plan, weights: Lo
     batch, seq = tokens.shape
     gamma = plan["mask"].shape[-1]
     origin = jnp.arange(seq)
+    origins = plan["origins"]  # [B, N]
     layer = draft.layers[0]
     attn = TrainTimeTest()
     hidden = draft.fc(features)
@@ -184,8 +197,9 @@ def eagle3_sums(draft, target, tokens, features, final_hidden, plan, weights: Lo
         step_tokens = tokens[:, jnp.clip(origin + 1 + s, 0, seq - 1)]
         positions = jnp.broadcast_to(origin + s, (batch, seq))
         hidden = layer(target.embed(step_tokens), hidden, positions, attn)
-        target_hidden = final_hidden[:, jnp.clip(origin + 1 + s, 0, seq - 1)]
-        rows = {"hidden": hidden.reshape(batch * seq, -1), "target": target_hidden.reshape(batch * seq, -1)}
+        draft_rows = jnp.take_along_axis(hidden, origins[..., None], axis=1)
+        target_rows = jnp.take_along_axis(final_hidden, jnp.clip(origins + 1 + s, 0, seq - 1)[..., None], axis=1)
+        rows = {"hidden": draft_rows.reshape(-1, hidden.shape[-1]), "target": target_rows.reshape(-1, hidden.shape[-1])}
         stats = vocab_losses(lambda r: target.logits(draft.norm(r["hidden"])), lambda r: target.logits(r["target"]),
                              rows, plan["labels"][:, :, s].reshape(-1), weights.chunk_rows)
         mask = plan["mask"][:, :, s].reshape(-1).astype(jnp.float32)

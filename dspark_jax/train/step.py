@@ -134,9 +134,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def _plan(self, keys, tokens, loss_mask):
-        if self.kind == "eagle3":
-            return losses.eagle3_plan(tokens, loss_mask, self.gamma)
         anchors = min(self.cfg.anchors_per_sequence, tokens.shape[-1])
+        if self.kind == "eagle3":
+            return losses.eagle3_plan(keys, tokens, loss_mask, self.gamma, anchors)
         return losses.block_plan(keys, loss_mask, anchors, self.gamma, tokens)
 
     def _counts(self, plan):
