@@ -18,7 +18,7 @@ from flax import nnx
 from conftest import REPO, randomize_params
 from dspark_jax.checkpoint.deepspec import save_deepspec_draft
 from dspark_jax.config import Config, DraftConfig, LlamaArch, TargetConfig, TrainConfig
-from dspark_jax.drafts import load_draft
+from dspark_jax.drafts import create_draft, load_draft
 from dspark_jax.models import create_target
 from dspark_jax.train import loop
 from dspark_jax.train.data import Batches, TokenizedData
@@ -156,6 +156,28 @@ def test_export_then_load_gives_the_same_draft(tmp_path, target):
                for d in (draft, loaded)]
     for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+
+def test_slim_export_drops_the_shared_tensors_and_loads_in_bf16(tmp_path, target):
+    from safetensors import safe_open
+
+    from dspark_jax.checkpoint.deepspec import SHARED
+
+    cfg = config(tmp_path)
+    draft = randomize_params(create_draft(cfg.draft, target), seed=7)
+    full = save_deepspec_draft(draft, target, tmp_path / "full")
+    slim = save_deepspec_draft(load_draft(str(full), target, dtype="bfloat16"), target, tmp_path / "slim", shared=False)
+    with safe_open(str(slim / "model.safetensors"), "np") as f:
+        names = set(f.keys())
+    with safe_open(str(full / "model.safetensors"), "np") as f:
+        assert set(f.keys()) - names == set(SHARED)
+    loaded = load_draft(str(slim), target)  # the shared tensors come from the target
+    for (path, x), (_, y) in zip(nnx.to_flat_state(nnx.state(draft, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(loaded, nnx.Param))):
+        x = np.asarray(x[...], np.float32)
+        np.testing.assert_array_equal(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32),
+                                      np.asarray(y[...], np.float32), err_msg=str(path))
 
 
 DATA_PARALLEL = """
