@@ -56,6 +56,9 @@ def run_prompt(cfg: Config, prompt: str) -> dict:
     if folder is None:
         raise ConfigError("--prompt needs a tokenizer: set target.source to a checkpoint (this config builds "
                           "random weights)")
+    if isinstance(arch_from_hf_config(read_config_json(folder)), DeepseekV4Arch):  # before loading any weights
+        raise ConfigError(f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint: generation drives "
+                          "dense targets only so far; V4 offers --dry-run (and dspark_jax.models.deepseek_v4.v4_step)")
     target = load_target(cfg)
     tokenizer = load_tokenizer(folder)
     draft = load_draft(cfg, target)

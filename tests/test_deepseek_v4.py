@@ -332,3 +332,14 @@ def test_dry_run_cli_prints_one_json_line(capsys):
             "fits"} <= set(sizes) and sizes["fits"] is True and sizes["batch"] == 3
     assert main(["--config", "v4_tiny.py", "--dry-run", "--devices", "0"]) == 2
     assert "--devices=0; expected >= 1" in capsys.readouterr().err
+
+
+def test_serve_prompt_refuses_a_v4_checkpoint_before_loading_it(tmp_path, capsys):
+    folder = save_v4_checkpoint(random_model(TINY, seed=6), tmp_path / "v4")
+    for f in folder.glob("*.safetensors"):  # weights are never read: the refusal comes from config.json
+        f.write_bytes(b"")
+    config = tmp_path / "v4_local.py"
+    config.write_text("from dspark_jax.config import Config, TargetConfig\n"
+                      f"config = Config(target=TargetConfig(source={str(folder)!r}))\n")
+    assert main(["--config", str(config), "--prompt", "hi"]) == 2
+    assert "is a DeepSeek-V4 checkpoint: generation drives dense targets only" in capsys.readouterr().err

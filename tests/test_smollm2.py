@@ -74,3 +74,20 @@ def test_logits_match_transformers_in_float32_and_bfloat16(tmp_path, oracle, smo
     np.testing.assert_allclose(ours32, hf32, atol=1e-3, rtol=0)
     ours_error, hf_error = _rms(ours16 - hf32), _rms(hf16 - hf32)
     assert 0.0 < ours_error <= 2.0 * hf_error, (ours_error, hf_error)
+
+
+def test_shipped_dspark_draft_is_lossless_and_accepts_more_than_one_token(smollm2):
+    """The embedded default's trained draft: greedy output equals plain decoding token for token, and
+    it accepts well above a random draft's ~1.0 tokens per round."""
+    from dspark_jax.config import load_config
+    from dspark_jax.drafts import load_draft
+    from dspark_jax.spec.schedule import SpecParams
+
+    tok, model = smollm2
+    target = model("float32")
+    draft = load_draft(load_config("smollm2_dspark.py"), target)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS]
+    plain = generate(target, None, prompts, max_new_tokens=MAX_NEW_TOKENS).tokens
+    res = generate(target, draft, prompts, max_new_tokens=MAX_NEW_TOKENS, spec=SpecParams(block_size=7))
+    assert res.tokens == plain
+    assert res.stats.acceptance_length > 1.2, res.stats.acceptance_length
