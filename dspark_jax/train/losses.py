@@ -171,9 +171,9 @@ def eagle3_plan(keys, tokens, loss_mask, gamma: int, num_origins: int):
     labels and mask [B, N, γ].
     """
     seq = tokens.shape[1]
-    label_pos = jnp.clip(jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :], 0, seq - 1)  # [S, γ]
-    in_range = (jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :]) < seq
-    mask = in_range[None] & loss_mask[:, label_pos]  # [B, S, γ]
+    target_pos = jnp.arange(seq)[:, None] + 2 + jnp.arange(gamma)[None, :]  # [S, γ]: x_{t+2+s}
+    label_pos = jnp.clip(target_pos, 0, seq - 1)
+    mask = (target_pos < seq)[None] & loss_mask[:, label_pos]  # [B, S, γ]
     origins, valid = jax.vmap(lambda k, m: sample_positions(k, m.any(-1), num_origins))(keys, mask)
     at_origins = lambda x: jnp.take_along_axis(x, origins[..., None], axis=1)
     return dict(origins=origins, labels=at_origins(tokens[:, label_pos]), mask=at_origins(mask) & valid[..., None])
