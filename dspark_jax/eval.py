@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from dspark_jax.config import ConfigError, load_config
-from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
+from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
 from dspark_jax.spec.calibrate import apply_sts, expected_calibration_error, survival_labels
 from dspark_jax.spec.decode import RoundLog, generate
 from dspark_jax.spec.sampling import SamplingParams
@@ -243,9 +243,7 @@ def evaluate(args) -> dict:
     """Evaluate every prompt set, writing args.out after each; sets already in args.out from a run with
     the same draft and settings are kept, so an interrupted evaluation resumes."""
     cfg = load_config(args.config, args.set)
-    folder = target_folder(cfg)
-    if folder is None:
-        raise ConfigError("evaluation needs a tokenizer: set target.source to a checkpoint")
+    folder = checkpoint_folder(cfg, "evaluation")
     target = load_target(cfg)
     tokenizer = load_tokenizer(folder)
     draft = load_draft(args.draft if args.draft else cfg, target)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from dspark_jax.checkpoint.assets import resolve_source
 from dspark_jax.checkpoint.hf import load_hf_target
-from dspark_jax.config import Config, TargetConfig
+from dspark_jax.config import Config, ConfigError, TargetConfig
 from dspark_jax.drafts import load_draft
 from dspark_jax.models import create_target
 from dspark_jax.tokenizer import load_tokenizer
 
-__all__ = ["load_target", "load_draft", "load_tokenizer", "target_folder"]
+__all__ = ["load_target", "load_draft", "load_tokenizer", "target_folder", "checkpoint_folder"]
 
 
 def target_folder(path_or_cfg) -> Path | None:
@@ -21,6 +21,15 @@ def target_folder(path_or_cfg) -> Path | None:
     if isinstance(path_or_cfg, TargetConfig):
         return resolve_source(path_or_cfg.source) if path_or_cfg.source else None
     return resolve_source(path_or_cfg)
+
+
+def checkpoint_folder(cfg: Config, purpose: str) -> Path:
+    """The target's checkpoint folder, which `purpose` needs for its tokenizer; random weights are an error."""
+    folder = target_folder(cfg)
+    if folder is None:
+        raise ConfigError(f"{purpose} needs a tokenizer: set target.source to a checkpoint "
+                          "(this config builds random weights)")
+    return folder
 
 
 def load_target(path_or_cfg, dtype: str | None = None):

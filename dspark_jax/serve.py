@@ -21,7 +21,7 @@ import jax
 from dspark_jax.cache import kv_cache_bytes
 from dspark_jax.checkpoint.hf import arch_from_hf_config, read_config_json
 from dspark_jax.config import Config, ConfigError, DeepseekV4Arch, load_config
-from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
+from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer, target_folder
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
@@ -52,10 +52,7 @@ def spec_params(cfg: Config, draft) -> SpecParams:
 
 
 def run_prompt(cfg: Config, prompt: str) -> dict:
-    folder = target_folder(cfg)
-    if folder is None:
-        raise ConfigError("--prompt needs a tokenizer: set target.source to a checkpoint (this config builds "
-                          "random weights)")
+    folder = checkpoint_folder(cfg, "--prompt")
     if isinstance(arch_from_hf_config(read_config_json(folder)), DeepseekV4Arch):  # before loading any weights
         raise ConfigError(f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint: generation drives "
                           "dense targets only so far; V4 offers --dry-run (and dspark_jax.models.deepseek_v4.v4_step)")

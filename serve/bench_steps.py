@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 
 import jax
@@ -35,27 +34,9 @@ from dspark_jax.spec.decode import Session, _commit, _round_keys, _spec_round
 from dspark_jax.spec.sampling import ACCEPT_STREAM, DRAFT_STREAM, SamplingParams, position_keys
 from dspark_jax.spec.schedule import SpecParams, schedule_prefix, survival
 from dspark_jax.spec.verify import verify
+from timing import copy_bandwidth, timed  # serve/timing.py (serve/ is the script's folder)
 
 SMOLLM2 = LlamaArch()  # the defaults are SmolLM2-135M's
-
-
-def timed(fn, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds of fn() (which must return something to block on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a large device-to-device elementwise pass (read + write counted)."""
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(256 * 2**20 // 4 * 4, np.float32))
-    double = jax.jit(lambda a: a * 2.0)
-    return 2 * x.nbytes / timed(lambda: double(x), repeats=30)
 
 
 def param_bytes(model) -> int:

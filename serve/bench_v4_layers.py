@@ -24,9 +24,7 @@ import dataclasses
 import datetime
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,27 +34,9 @@ from dspark_jax.config import DeepseekV4Arch, load_config
 from dspark_jax.models import create_target, split_static
 from dspark_jax.models.deepseek_v4 import V4Context, V4State, v4_layout
 from dspark_jax.models.quant import FP4_GROUP, FP8_BLOCK
+from timing import copy_bandwidth, timed  # serve/timing.py (serve/ is the script's folder)
 
 KINDS = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
-
-
-def timed(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of fn() (which must return something to block on)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a large device-to-device elementwise pass (read + write counted)."""
-    x = jnp.asarray(np.random.default_rng(0).standard_normal(256 * 2 ** 20 // 4, np.float32))
-    double = jax.jit(lambda a: a * 2.0)
-    return 2 * x.nbytes / timed(lambda: double(x), repeats=30)
 
 
 def stack_arch(base: DeepseekV4Arch, layers: int) -> DeepseekV4Arch:

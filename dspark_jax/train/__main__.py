@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dspark_jax.checkpoint.deepspec import save_deepspec_draft
 from dspark_jax.config import ConfigError, load_config
-from dspark_jax.loading import load_target, load_tokenizer, target_folder
+from dspark_jax.loading import checkpoint_folder, load_target, load_tokenizer
 from dspark_jax.train.data import DataError, prepare
 from dspark_jax.train.loop import ResumeError, train
 from dspark_jax.train.step import Trainer
@@ -39,9 +39,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        folder = target_folder(cfg)
-        if folder is None:
-            raise ConfigError("training needs a tokenizer: set target.source to a checkpoint")
+        folder = checkpoint_folder(cfg, "training")
         target = load_target(cfg)
         out_dir = Path(cfg.train.out_dir)
         data = prepare(cfg.train, load_tokenizer(folder), out_dir)

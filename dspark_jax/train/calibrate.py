@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.eval import atomic_write_text, first_turn_ids, read_prompt_sets, rollout
-from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
+from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
 from dspark_jax.spec.calibrate import fit_sts, survival_ece
 from dspark_jax.spec.decode import RoundLog
 from dspark_jax.spec.sampling import SamplingParams
@@ -56,9 +56,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        folder = target_folder(cfg)
-        if folder is None:
-            raise ConfigError("calibration needs a tokenizer: set target.source to a checkpoint")
+        folder = checkpoint_folder(cfg, "calibration")
         target = load_target(cfg)
         tokenizer = load_tokenizer(folder)
         draft = load_draft(str(args.draft), target)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.eval import atomic_write_text, read_prompt_sets
-from dspark_jax.loading import load_target, load_tokenizer, target_folder
+from dspark_jax.loading import checkpoint_folder, load_target, load_tokenizer
 from dspark_jax.spec.decode import generate
 from dspark_jax.spec.sampling import SamplingParams
 
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
-        folder = target_folder(cfg)
-        if folder is None:
-            raise ConfigError("regeneration needs a tokenizer: set target.source to a checkpoint")
+        folder = checkpoint_folder(cfg, "regeneration")
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         settings = {"target": cfg.target.source, "dtype": cfg.target.dtype, "prompts": [str(p) for p in args.prompts],
                     "limit": args.limit, "max_new_tokens": args.max_new_tokens,
