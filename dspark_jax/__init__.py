@@ -6,13 +6,14 @@
     res = dj.generate(target, draft, [[1, 2, 3]], max_new_tokens=64, spec=dj.SpecParams(block_size=5))
 """
 
-from dspark_jax import spec
+from dspark_jax import speculative as spec  # public name (dj.spec.verify, ...); also dj.speculative
 from dspark_jax.config import Config, load_config
 from dspark_jax.loading import load_draft, load_target, load_tokenizer
 from dspark_jax.models import forward
-from dspark_jax.spec.decode import GenerateResult, SpecStats, generate
-from dspark_jax.spec.sampling import SamplingParams
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.decode import GenerateResult, SpecStats
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.sampling import SamplingParams
+from dspark_jax.speculative.schedule import SpecParams
 
 __all__ = ["Config", "GenerateResult", "SamplingParams", "SpecParams", "SpecStats", "forward", "generate",
            "load_config", "load_draft", "load_target", "load_tokenizer", "spec"]

@@ -29,10 +29,11 @@ import numpy as np
 
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
-from dspark_jax.spec.calibrate import apply_sts, expected_calibration_error, survival_labels
-from dspark_jax.spec.decode import RoundLog, generate
-from dspark_jax.spec.sampling import SamplingParams
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.calibrate import apply_sts, expected_calibration_error, survival_labels
+from dspark_jax.speculative.decode import RoundLog
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.sampling import SamplingParams
+from dspark_jax.speculative.schedule import SpecParams
 
 NUM_BINS = 20
 

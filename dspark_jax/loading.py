@@ -6,8 +6,9 @@ from pathlib import Path
 
 from dspark_jax.checkpoint.assets import resolve_source
 from dspark_jax.checkpoint.hf import load_hf_target
-from dspark_jax.config import Config, ConfigError, TargetConfig
-from dspark_jax.drafts import load_draft
+from dspark_jax.config import Config, ConfigError, DraftConfig, TargetConfig
+from dspark_jax.checkpoint.deepspec import load_deepspec_draft
+from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
 from dspark_jax.tokenizer import load_tokenizer
 
@@ -45,3 +46,18 @@ def load_target(path_or_cfg, dtype: str | None = None):
         if not path_or_cfg.source:
             return create_target(path_or_cfg.arch, dtype=dtype, seed=path_or_cfg.seed)
     return load_hf_target(target_folder(path_or_cfg), dtype=dtype or "bfloat16")
+
+
+def load_draft(path_or_cfg, target, *, dtype=None):
+    """A draft for `target` from a DeepSpec-layout folder, "ngram", a DraftConfig or a Config."""
+    if isinstance(path_or_cfg, Config):
+        path_or_cfg = path_or_cfg.draft
+    if isinstance(path_or_cfg, DraftConfig):
+        if path_or_cfg.source:
+            return load_deepspec_draft(path_or_cfg.source, target, dtype=dtype)
+        return create_draft(path_or_cfg, target, dtype=dtype)
+    if path_or_cfg in ("ngram", "none"):
+        return create_draft(DraftConfig(kind=path_or_cfg), target, dtype=dtype)
+    if not Path(path_or_cfg).is_dir():
+        raise FileNotFoundError(f"draft {path_or_cfg!r}: not a folder, 'ngram', or a draft config")
+    return load_deepspec_draft(path_or_cfg, target, dtype=dtype)

@@ -4,7 +4,7 @@ The sampling warp (identical for target and draft): logits / temperature → top
 the most probable tokens until their mass reaches top_p, the crossing token included);
 temperature 0 means argmax; top_k=0 and top_p=1 disable those steps. `sampling` is any object
 with per-request `temperature` [R] fp32, `top_k` [R] int32, `top_p` [R] fp32 and a static
-`filters` flag (dspark_jax.spec.sampling.SamplingArrays).
+`filters` flag (dspark_jax.speculative.sampling.SamplingArrays).
 """
 
 from __future__ import annotations

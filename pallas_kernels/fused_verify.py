@@ -4,7 +4,7 @@ Draft token x_k (k = 1..ℓ) is accepted when u_k · q_k(x_k) < p_k(x_k), left t
 first rejection the next token is drawn from normalize(max(p_n − q_n, 0)), else a bonus token
 from p_{ℓ+1}; p is the target's warped distribution (temperature, top-k/top-p), q the
 distribution the draft token was drawn from. The uniforms are drawn by the caller
-(dspark_jax.spec.verify), so the reference and the kernel decide on the same numbers.
+(dspark_jax.speculative.verify), so the reference and the kernel decide on the same numbers.
 
 The reference materialises p [R, γ+1, V] (softmax, one-hot rows for greedy requests) as
 `warp_probs` does. The kernel path never does: one pass of `vocab_stats` (Mosaic GPU) over the

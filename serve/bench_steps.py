@@ -30,10 +30,10 @@ from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.spec.decode import Session, _commit, _round_keys, _spec_round
-from dspark_jax.spec.sampling import ACCEPT_STREAM, DRAFT_STREAM, SamplingParams, position_keys
-from dspark_jax.spec.schedule import SpecParams, schedule_prefix, survival
-from dspark_jax.spec.verify import verify
+from dspark_jax.speculative.decode import Session, _commit, _round_keys, _spec_round
+from dspark_jax.speculative.sampling import ACCEPT_STREAM, DRAFT_STREAM, SamplingParams, position_keys
+from dspark_jax.speculative.schedule import SpecParams, schedule_prefix, survival
+from dspark_jax.speculative.verify import verify
 from timing import copy_bandwidth, timed  # serve/timing.py (serve/ is the script's folder)
 
 SMOLLM2 = LlamaArch()  # the defaults are SmolLM2-135M's

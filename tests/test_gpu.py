@@ -16,8 +16,8 @@ from conftest import randomize_params
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
-from dspark_jax.spec.decode import generate
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.schedule import SpecParams
 
 pytestmark = pytest.mark.gpu
 

@@ -13,8 +13,8 @@ from conftest import randomize_params
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
-from dspark_jax.spec.decode import generate
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.schedule import SpecParams
 
 # hidden 128: the norm kernel's lane width; head_dim 64: the attention kernel's smallest.
 ARCH = LlamaArch(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,

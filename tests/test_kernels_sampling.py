@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.spec.sampling import SamplingArrays, SamplingParams
+from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
 from pallas_kernels import fused_verify as fv
 from pallas_kernels import markov_sample as ms
 from pallas_kernels import vocab_stats as vs

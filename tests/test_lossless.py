@@ -28,9 +28,9 @@ import pytest
 from scipy import stats
 
 from dspark_jax import kernels
-from dspark_jax.spec.sampling import SamplingArrays, SamplingParams, sample_from_probs, warp_probs
-from dspark_jax.spec.schedule import admit_top, best_capacity, schedule_prefix, survival, threshold_lengths
-from dspark_jax.spec.verify import verify
+from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams, sample_from_probs, warp_probs
+from dspark_jax.speculative.schedule import admit_top, best_capacity, schedule_prefix, survival, threshold_lengths
+from dspark_jax.speculative.verify import verify
 
 VOCAB, GAMMA, PROMPT = 5, 3, (0, 1)
 SEQUENCES = 1_000_000

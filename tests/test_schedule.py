@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dspark_jax.spec.calibrate import apply_sts, fit_sts, survival_ece
-from dspark_jax.spec.schedule import admit_top, best_capacity, schedule_prefix, survival, threshold_lengths
+from dspark_jax.speculative.calibrate import apply_sts, fit_sts, survival_ece
+from dspark_jax.speculative.schedule import admit_top, best_capacity, schedule_prefix, survival, threshold_lengths
 
 
 def sorted_candidates(a):

@@ -9,7 +9,7 @@ import pytest
 
 from dspark_jax.checkpoint.hf import load_hf_target
 from dspark_jax.models import forward
-from dspark_jax.spec.decode import generate
+from dspark_jax.speculative.generate import generate
 from dspark_jax.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
@@ -80,8 +80,8 @@ def test_shipped_dspark_draft_is_lossless_and_accepts_more_than_one_token(smollm
     """The embedded default's trained draft: greedy output equals plain decoding token for token, and
     it accepts well above a random draft's ~1.0 tokens per round."""
     from dspark_jax.config import load_config
-    from dspark_jax.drafts import load_draft
-    from dspark_jax.spec.schedule import SpecParams
+    from dspark_jax.loading import load_draft
+    from dspark_jax.speculative.schedule import SpecParams
 
     tok, model = smollm2
     target = model("float32")

@@ -20,12 +20,13 @@ from conftest import randomize_params
 from dspark_jax.cache import ragged_layout
 from dspark_jax.checkpoint.deepspec import load_deepspec_draft, save_deepspec_draft
 from dspark_jax.config import DraftConfig, LlamaArch
-from dspark_jax.drafts import create_draft, load_draft
+from dspark_jax.drafts import create_draft
+from dspark_jax.loading import load_draft
 from dspark_jax.drafts.base import CacheGeometry, ProposeInputs
 from dspark_jax.models import create_target, forward
-from dspark_jax.spec.decode import generate
-from dspark_jax.spec.sampling import SamplingArrays, SamplingParams
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
+from dspark_jax.speculative.schedule import SpecParams
 
 VOCAB = 61
 ARCH = LlamaArch(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -265,7 +266,7 @@ def test_ngram_proposals_and_one_hot_probs(target):
 
 
 def test_sps_profile_is_a_bucketed_step_curve_and_is_cached(target, dspark, tmp_path, monkeypatch):
-    from dspark_jax.spec import profile
+    from dspark_jax.speculative import profile
 
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     table = profile.profile_sps(target, dspark, rows=4, gamma=GAMMA, repeats=2)

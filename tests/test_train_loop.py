@@ -18,7 +18,8 @@ from flax import nnx
 from conftest import REPO, randomize_params
 from dspark_jax.checkpoint.deepspec import save_deepspec_draft
 from dspark_jax.config import Config, DraftConfig, LlamaArch, TargetConfig, TrainConfig
-from dspark_jax.drafts import create_draft, load_draft
+from dspark_jax.drafts import create_draft
+from dspark_jax.loading import load_draft
 from dspark_jax.models import create_target
 from dspark_jax.train import loop
 from dspark_jax.train.data import Batches, TokenizedData

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_jax.checkpoint.gguf import CONVERTER_VERSION, convert_gguf, file_sha256, gguf_source
-from dspark_jax.checkpoint.hf import CheckpointError
+from dspark_jax.checkpoint.tensors import CheckpointError
 
 
 @dataclass(frozen=True)

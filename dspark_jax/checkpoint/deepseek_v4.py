@@ -28,8 +28,9 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dspark_jax.checkpoint.hf import CheckpointError, TensorSource, atomic_folder, read_config_json
+from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json
 from dspark_jax.config import ConfigError, DeepseekV4Arch, RopeScaling, deepseek_v4_layer_types
+from dspark_jax.models import abstract_target
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.quant import FP4_GROUP, FP8_BLOCK, Buffer
 
@@ -370,8 +371,6 @@ def load_v4_target(folder: str | Path, *, dtype="bfloat16", dequantize: bool = F
     `dequantize=True` loads an FP8/FP4 checkpoint into dense weights of `dtype` (for tests and
     references); otherwise the checkpoint's format is kept.
     """
-    from dspark_jax.models import abstract_target
-
     cfg = read_config_json(folder)
     arch = arch_from_config(cfg)
     if dequantize:

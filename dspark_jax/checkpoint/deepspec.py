@@ -21,6 +21,7 @@ from safetensors.flax import save_file
 from dspark_jax.checkpoint.hf import (CheckpointError, TensorSource, arch_from_hf_config, arch_to_hf_config,
                                       atomic_folder, fill_params, model_tensors, read_config_json)
 from dspark_jax.config import DraftConfig
+from dspark_jax.drafts import create_draft
 from dspark_jax.models.common import as_dtype
 
 SHARED = ("embed_tokens.weight", "lm_head.weight")
@@ -92,8 +93,6 @@ def _check_shared_tensors(folder: Path, source: TensorSource, target) -> None:
 
 def load_deepspec_draft(folder: str | Path, target, *, dtype=None):
     """Load a DeepSpec-layout DSpark/DFlash/Eagle3 folder as a draft for `target`."""
-    from dspark_jax.drafts import create_draft
-
     folder = Path(folder)
     cfg = read_config_json(folder)
     _check_target_compatible(folder, cfg, target)

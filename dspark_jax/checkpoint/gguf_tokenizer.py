@@ -15,7 +15,7 @@ from typing import Any
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from dspark_jax.checkpoint.hf import CheckpointError
+from dspark_jax.checkpoint.tensors import CheckpointError
 
 # No split of our own: the byte-level step's regex (`use_regex=True`) is GPT-2's.
 _GPT2 = ()

@@ -10,28 +10,20 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.flax import save_file
 
+from dspark_jax.checkpoint.deepseek_v4 import arch_from_config, arch_to_config, load_v4_target
+from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json
 from dspark_jax.config import (ConfigError, DeepseekV4Arch, Gemma4Arch, LlamaArch, RopeScaling, TargetArch,
                                gemma4_default_layer_types)
 from dspark_jax.models import abstract_target
 from dspark_jax.models.common import as_dtype
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,8 +64,6 @@ def arch_from_hf_config(cfg: dict) -> TargetArch:
     if model_type in GEMMA4_TYPES:
         return _gemma4_arch_from_hf(cfg)
     if model_type == "deepseek_v4":
-        from dspark_jax.checkpoint.deepseek_v4 import arch_from_config
-
         return arch_from_config(cfg)
     if model_type not in LLAMA_TYPES:
         raise ConfigError(f"config.json model_type={model_type!r}; supported: "
@@ -108,8 +98,6 @@ def arch_to_hf_config(arch: TargetArch) -> dict:
     if isinstance(arch, Gemma4Arch):
         return _gemma4_arch_to_hf(arch)
     if isinstance(arch, DeepseekV4Arch):
-        from dspark_jax.checkpoint.deepseek_v4 import arch_to_config
-
         return arch_to_config(arch)
     if not isinstance(arch, LlamaArch):
         raise ConfigError(f"cannot write config.json for {type(arch).__name__}")
@@ -340,67 +328,6 @@ def hf_checkpoint_layout(cfg: dict) -> tuple[Callable[[tuple], tuple[str, bool]]
     return hf_tensor_name, lambda name: False
 
 
-# safetensors dtypes that numpy has no name for (so safe_open cannot return them): read from the
-# file's bytes and viewed through ml_dtypes.
-RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-              "F8_E8M0": ml_dtypes.float8_e8m0fnu}
-
-
-class TensorSource:
-    """Lazy access to every tensor of a folder's safetensors files (index-aware)."""
-
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({folder / f for f in weight_map.values()})
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{folder}: no *.safetensors files")
-        self.location: dict[str, Path] = {}
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{folder}: the index names {f.name}, which is missing")
-            with safe_open(str(f), framework="flax") as handle:
-                for key in handle.keys():
-                    self.location[key] = f
-        self._open: dict[Path, object] = {}
-
-    def names(self) -> set[str]:
-        return set(self.location)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        """The safetensors dtype string (F32, BF16, F8_E4M3, I8, ...)."""
-        return self._handle(name).get_slice(name).get_dtype()
-
-    def get(self, name: str) -> jax.Array | np.ndarray:
-        """The tensor; FP8/E8M0 tensors come as numpy arrays of the ml_dtypes type."""
-        dtype = self.dtype(name)
-        if dtype in RAW_DTYPES:
-            return self._raw(name, RAW_DTYPES[dtype])
-        return self._handle(name).get_tensor(name)
-
-    def _raw(self, name: str, dtype) -> np.ndarray:
-        path = self.location[name]
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            entry = json.loads(f.read(header_len))[name]
-        begin, end = entry["data_offsets"]
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
-        return np.array(data).view(dtype).reshape(entry["shape"])
-
-    def _handle(self, name: str):
-        f = self.location[name]
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="flax")
-        return self._open[f]
-
-
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -447,19 +374,10 @@ def fill_params(abstract_model, source: TensorSource, *, dtype,
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def read_config_json(folder: str | Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no config.json (expected an HF model folder)")
-    return json.loads(path.read_text())
-
-
 def load_hf_target(folder: str | Path, *, dtype="bfloat16"):
     """Load an HF model folder (config.json + safetensors) as our target module."""
     cfg = read_config_json(folder)
     if cfg.get("model_type") == "deepseek_v4":  # official names, quantized formats, stacked experts
-        from dspark_jax.checkpoint.deepseek_v4 import load_v4_target
-
         return load_v4_target(folder, dtype=dtype)
     arch = arch_from_hf_config(cfg)
     name_of, skipped = hf_checkpoint_layout(cfg)
@@ -478,43 +396,6 @@ def model_tensors(model, name_of: Callable[[tuple], tuple[str, bool]] = hf_tenso
         value = var[...]
         out[name] = jnp.asarray(value.T if transpose else value)
     return out
-
-
-def atomic_folder(folder: str | Path):
-    """Context manager yielding a temporary folder that replaces `folder` only on success."""
-    return _AtomicFolder(Path(folder))
-
-
-class _AtomicFolder:
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __enter__(self) -> Path:
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", dir=self.folder.parent))
-        os.chmod(self.tmp, 0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.folder.exists():
-            # Two renames (Linux cannot swap non-empty folders atomically); put the old one back
-            # if the second fails, so the folder is never left missing.
-            old = self.folder.with_name(f".{self.folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.folder, old)
-            try:
-                os.replace(self.tmp, self.folder)
-            except OSError:
-                os.replace(old, self.folder)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.folder)
-        return False
 
 
 def save_hf_target(model, folder: str | Path, *, extra_files: dict[str, str] | None = None) -> Path:

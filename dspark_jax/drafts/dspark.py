@@ -24,7 +24,7 @@ from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models import decoder_layer
 from dspark_jax.models.attention import DenseDraftBlocks, DraftBlock, LayerKV
 from dspark_jax.models.common import RMSNorm, linear, normal_init
-from dspark_jax.spec.sampling import sample_from_probs, uniform_from_keys, warp_probs
+from dspark_jax.speculative.sampling import sample_from_probs, uniform_from_keys, warp_probs
 
 
 class MarkovHead(nnx.Module):

@@ -21,7 +21,7 @@ from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models.attention import LayerKV, PagedKV
 from dspark_jax.models.common import GatedMLP, RMSNorm, linear
 from dspark_jax.models.llama import LlamaAttention
-from dspark_jax.spec.sampling import sample_from_probs, warp_probs
+from dspark_jax.speculative.sampling import sample_from_probs, warp_probs
 
 
 class Eagle3Layer(nnx.Module):

@@ -4,7 +4,7 @@ Fits Sequential Temperature Scaling for a trained DSpark draft: runs the draft w
 over held-out prompts (never the training or evaluation prompts; training writes its held-out
 conversations' user turns to out_dir/heldout_prompts.jsonl), records every round's confidence
 logits, verified lengths and acceptances, fits one temperature per position left to right
-(`dspark_jax.spec.calibrate.fit_sts`) and writes them to PATH/sts.json (atomically; the weights
+(`dspark_jax.speculative.calibrate.fit_sts`) and writes them to PATH/sts.json (atomically; the weights
 are untouched). Prints the survival ECE before and after.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.eval import atomic_write_text, first_turn_ids, read_prompt_sets, rollout
 from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
-from dspark_jax.spec.calibrate import fit_sts, survival_ece
-from dspark_jax.spec.decode import RoundLog
-from dspark_jax.spec.sampling import SamplingParams
+from dspark_jax.speculative.calibrate import fit_sts, survival_ece
+from dspark_jax.speculative.decode import RoundLog
+from dspark_jax.speculative.sampling import SamplingParams
 
 
 def fit(log: RoundLog, gamma: int) -> dict:

@@ -23,8 +23,8 @@ from pathlib import Path
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.eval import atomic_write_text, read_prompt_sets
 from dspark_jax.loading import checkpoint_folder, load_target, load_tokenizer
-from dspark_jax.spec.decode import generate
-from dspark_jax.spec.sampling import SamplingParams
+from dspark_jax.speculative.generate import generate
+from dspark_jax.speculative.sampling import SamplingParams
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,11 +23,11 @@ from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
 from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models import split_static
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.spec.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays, SamplingParams,
+from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays, SamplingParams,
                                       position_keys, request_keys, sample)
-from dspark_jax.spec.schedule import (SpecParams, admit_top, best_capacity, schedule_prefix, survival,
+from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacity, schedule_prefix, survival,
                                       threshold_lengths)
-from dspark_jax.spec.verify import verify
+from dspark_jax.speculative.verify import verify
 
 
 @dataclasses.dataclass(frozen=True)
@@ -631,40 +631,3 @@ class Session:
     def result(self) -> GenerateResult:
         result = _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
         return dataclasses.replace(result, rounds=self.round_log())
-
-
-def generate(target, draft, prompts, max_new_tokens: int = 128,
-             sampling: SamplingParams | list[SamplingParams] | None = None,
-             spec: SpecParams | None = None, seed: int = 0, *, page_size: int = 16, prefill_chunk: int = 512,
-             kernels: str = "auto", record_rounds: bool = False) -> GenerateResult:
-    """Generate continuations for a batch of token-id prompts of any lengths.
-
-    `sampling` is one SamplingParams for all prompts or one per prompt (a batch may mix greedy and
-    sampled requests). draft=None decodes plainly; otherwise each round drafts `spec.block_size`
-    tokens, schedules how many to verify and verifies them losslessly. Request i's random stream
-    depends only on (seed, i) and its own progress, so its output does not depend on the rest of
-    the batch.
-    `kernels` picks the kernel backend ("auto", "pallas", "xla", "interpret"; see dspark_jax.kernels).
-    `record_rounds` keeps every request-round's lengths, acceptances and confidence logits
-    (`result.rounds`), read back once at the end.
-    """
-    spec = spec or SpecParams()
-    if draft is not None and spec.scheduler in ("causal", "async") and spec.sps is None:
-        from dspark_jax.spec.profile import profile_sps
-
-        spec = dataclasses.replace(spec, sps=profile_sps(target, draft, rows=bucket(len(prompts)),
-                                                         gamma=spec.block_size))
-    session = Session(target, draft, prompts, max_new_tokens=max_new_tokens, sampling=sampling or SamplingParams(),
-                      spec=spec, seed=seed, page_size=page_size, prefill_chunk=prefill_chunk, backend=kernels,
-                      record_rounds=record_rounds)
-    if draft is None:
-        for step in range(max_new_tokens - 1):
-            if step % 8 == 0 and session.sync():
-                break
-            session.plain_step()
-    else:
-        for step in range(max_new_tokens):
-            if step % 4 == 0 and session.sync():
-                break
-            session.spec_round()
-    return session.result()

@@ -22,9 +22,9 @@ import numpy as np
 
 from dspark_jax.cache import bucket
 from dspark_jax.checkpoint.assets import cache_dir
-from dspark_jax.spec.decode import Session, _spec_draft
-from dspark_jax.spec.sampling import SamplingParams
-from dspark_jax.spec.schedule import SpecParams
+from dspark_jax.speculative.decode import Session, _spec_draft
+from dspark_jax.speculative.sampling import SamplingParams
+from dspark_jax.speculative.schedule import SpecParams
 
 
 def budget_buckets(rows: int, gamma: int) -> list[int]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax import kernels
-from dspark_jax.spec.sampling import SamplingArrays, uniform_from_keys
+from dspark_jax.speculative.sampling import SamplingArrays, uniform_from_keys
 
 
 def _row_keys(key, rows: int):

@@ -1,7 +1,0 @@
-"""Speculation pieces usable on their own: verification, scheduling, calibration."""
-
-from dspark_jax.spec.calibrate import apply_sts, fit_sts
-from dspark_jax.spec.schedule import schedule_prefix
-from dspark_jax.spec.verify import verify
-
-__all__ = ["apply_sts", "fit_sts", "schedule_prefix", "verify"]
