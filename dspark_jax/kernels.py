@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
+import numpy as np
 
 from pallas_kernels import add_rms_norm as _norm
 from pallas_kernels import draft_block_attention as _draft_block
@@ -54,7 +56,28 @@ def _pick(module, name: str):
     kernel = getattr(module, name, None)
     if backend == "xla" or kernel is None:
         return getattr(module, f"{name}_reference"), {}
-    return kernel, {"interpret": backend == "interpret"}
+    return functools.partial(_shared_call, kernel), {"interpret": backend == "interpret"}
+
+
+def _shared_call(kernel, *args, **kwargs):
+    """Call a Pallas kernel entry through one `jax.jit` per (entry, static arguments).
+
+    Inside a jitted program every call site with the same shapes then reuses one traced jaxpr and
+    one lowered function: a Mosaic GPU kernel is built in Python at lowering time, so a 36-layer
+    model would otherwise build (and compile) each layer's identical kernel again.
+    """
+    dynamic = {k: v for k, v in kwargs.items() if _holds_arrays(v)}
+    static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
+    return _jitted(kernel, static)(*args, **dynamic)
+
+
+def _holds_arrays(value) -> bool:
+    return any(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in jax.tree_util.tree_leaves(value))
+
+
+@functools.cache
+def _jitted(kernel, static: tuple):
+    return jax.jit(functools.partial(kernel, **dict(static)))
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, **kw):

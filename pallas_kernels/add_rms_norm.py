@@ -69,7 +69,7 @@ def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False, i
     ctas = min(rows, ctas or num_sms() * CTAS_PER_SM)
     layout = plgpu.Layout.WG_STRIDED((width,), vec_size=vec)
 
-    def body(*refs):
+    def add_rms_norm_kernel(*refs):
         if weight is None:
             x_ref, d_ref, h_ref, n_ref = refs
         else:
@@ -93,7 +93,7 @@ def add_rms_norm(x, delta, weight, *, eps: float, scale_in_fp32: bool = False, i
                 n_ref[row] = w * normed.astype(dtype)
 
     out = jax.ShapeDtypeStruct((rows, width), dtype)
-    kernel = plgpu.kernel(body, out_type=(out, out), grid=(ctas,), grid_names=("cta",),
+    kernel = plgpu.kernel(add_rms_norm_kernel, out_type=(out, out), grid=(ctas,), grid_names=("cta",),
                           interpret=interpret_params(interpret))
     operands = (x.reshape(rows, width), delta.reshape(rows, width))
     if weight is not None:

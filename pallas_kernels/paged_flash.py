@@ -213,7 +213,7 @@ def paged_flash(q_blocks, k_pages, v_pages, page_table, q_lens, q_start, kv_lens
     copies = bk // per_copy
     kv_per_q_group = plan.group // hb  # query groups sharing one KV head (1 unless G > 64)
 
-    def body(pt_ref, qlen_ref, qstart_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+    def paged_flash_kernel(pt_ref, qlen_ref, qstart_ref, kvlen_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
              q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_bar, k_bar, v_bar):
         r, qg, qb, split = (lax.axis_index(n) for n in ("r", "qg", "qb", "split"))
         kvh = lax.div(qg, jnp.int32(kv_per_q_group))
@@ -325,7 +325,7 @@ def paged_flash(q_blocks, k_pages, v_pages, page_table, q_lens, q_start, kv_lens
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
     ]
-    kernel = plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid,
+    kernel = plgpu.kernel(paged_flash_kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                           grid_names=("r", "qg", "qb", "split"),
                           compiler_params=plgpu.CompilerParams(approx_math=True),
                           interpret=interpret_params(interpret))
