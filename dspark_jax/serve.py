@@ -7,13 +7,13 @@ line of stats (tokens, tokens/s, accepted length when a draft is used).
 abstractly (shapes only: no weights, no allocation) and prints one JSON line of sizes: parameters
 (total, active per token), weight bytes, decoding-state bytes per token and per request, and
 the bytes one device holds — weights and the state of B requests of C positions, each array
-counted by its real partitioning on the (data, tensor, expert) mesh of `serve.mesh` (default: N
-devices on "tensor") — and whether that fits the given memory. A mesh that does not divide the
-model is refused.
+counted by its real partitioning on the device mesh — and whether that fits the given memory.
 
-Several devices or hosts: the target is loaded straight onto the mesh of `serve.mesh` (default:
-every device on "tensor"); a multi-process job (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID, or SLURM / Open MPI) is joined first, and every process runs the same command.
+The mesh: `serve.mesh` = (data, tensor, expert) sizes, or N devices all on "tensor" with
+`--devices N`; one device without either. A mesh that does not divide the model is refused.
+With a mesh the target is loaded straight onto it (the first devices of every process; a
+multi-process job — JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / Open
+MPI — is joined first, and every process runs the same command).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a config field, e.g. serve.temperature=0.7 (repeatable)")
     parser.add_argument("--prompt", help="generate one completion for this text and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the model's sizes as JSON; build nothing")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="dry run: devices of the mesh (serve.mesh, default all on 'tensor')")
+    parser.add_argument("--devices", type=int,
+                        help="devices of the mesh (default: as many as serve.mesh spans, else 1); "
+                             "without serve.mesh all on 'tensor'")
     parser.add_argument("--batch", type=int, help="dry run: concurrent requests (default serve.max_batch)")
     parser.add_argument("--context", type=int, help="dry run: positions per request (default serve.max_context)")
     parser.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
@@ -61,12 +62,24 @@ def spec_params(cfg: Config, draft) -> SpecParams:
     return SpecParams(block_size=block, scheduler=cfg.spec.scheduler, threshold=cfg.spec.threshold)
 
 
-def run_prompt(cfg: Config, prompt: str) -> dict:
+def mesh_devices(cfg: Config, devices: int | None) -> int:
+    """How many devices the mesh spans: --devices, else serve.mesh's product, else 1."""
+    if devices is not None and devices < 1:
+        raise ConfigError(f"--devices={devices}; expected >= 1")
+    if devices is not None:
+        return devices
+    return math.prod(cfg.serve.mesh) if cfg.serve.mesh else 1
+
+
+def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
     folder = checkpoint_folder(cfg, "--prompt")
     if isinstance(arch_from_hf_config(read_config_json(folder)), DeepseekV4Arch):  # before loading any weights
         raise ConfigError(f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint: generation drives "
                           "dense targets only so far; V4 offers --dry-run (and dspark_jax.models.deepseek_v4.v4_step)")
-    mesh = make_mesh(cfg.serve.mesh) if cfg.serve.mesh or jax.device_count() > 1 else None
+    count = mesh_devices(cfg, devices)
+    if count > jax.device_count():
+        raise ConfigError(f"the mesh spans {count} devices; {jax.device_count()} are available")
+    mesh = make_mesh(cfg.serve.mesh, jax.devices()[:count]) if count > 1 else None
     target = load_target(cfg, mesh=mesh)
     tokenizer = load_tokenizer(folder)
     draft = load_draft(cfg, target)
@@ -95,7 +108,7 @@ def run_prompt(cfg: Config, prompt: str) -> dict:
 
 def dry_run(cfg: Config, *, devices: int, batch: int, context: int, device_memory_gib: float) -> dict:
     """Sizes of the configured target (and the draft blocks it carries) from shapes alone."""
-    for name, value in (("--devices", devices), ("--batch", batch), ("--context", context)):
+    for name, value in (("--batch", batch), ("--context", context)):
         if value < 1:
             raise ConfigError(f"{name}={value}; expected >= 1")
     if device_memory_gib <= 0:
@@ -149,12 +162,13 @@ def main(argv=None) -> int:
         if args.dry_run:
             batch = cfg.serve.max_batch if args.batch is None else args.batch
             context = cfg.serve.max_context if args.context is None else args.context
-            print(json.dumps(dry_run(cfg, devices=args.devices, batch=batch, context=context,
-                                     device_memory_gib=args.device_memory)), flush=True)
+            sizes = dry_run(cfg, devices=mesh_devices(cfg, args.devices), batch=batch, context=context,
+                            device_memory_gib=args.device_memory)
+            print(json.dumps(sizes), flush=True)
             return 0
         if args.prompt is None:
             raise ConfigError("nothing to do: pass --prompt TEXT (HTTP serving is not available yet)")
-        print(json.dumps(run_prompt(cfg, args.prompt)), flush=True)
+        print(json.dumps(run_prompt(cfg, args.prompt, args.devices)), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -119,6 +119,8 @@ def is_ours(mesh) -> bool:
 def mesh_of(*trees):
     """The mesh the first array of `trees` on a multi-device mesh lives on (an AbstractMesh inside jit), else None."""
     for a in jax.tree.leaves(trees):
+        if not isinstance(a, jax.Array):  # tracers are too; Python numbers and other leaves carry no mesh
+            continue
         mesh = getattr(jax.typeof(a).sharding, "mesh", None)
         if mesh is not None and not mesh.empty and mesh.size > 1:
             return mesh

@@ -81,7 +81,8 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                "context": args.context, "rows": []}
     for batch in map(int, args.batches.split(",")):
-        runs = {"unplaced": Decoder(unplaced, batch, args.context), "placed": Decoder(placed, batch, args.context, mesh)}
+        runs = {"unplaced": Decoder(unplaced, batch, args.context),
+                "placed": Decoder(placed, batch, args.context, mesh)}
         tokens = {name: [np.asarray(run.step()).tolist() for _ in range(4)] for name, run in runs.items()}
         medians = {name: [] for name in runs}
         for _ in range(2):
