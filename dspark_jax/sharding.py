@@ -17,6 +17,13 @@ SPMD partitioner inserts the collectives) and `kernels.py` runs the Pallas kerne
 `shard_map`. A module placed here records nothing else: `model_mesh(model)` reads the mesh back
 from its arrays, and `mesh_of` finds it inside a jitted function from the operands' types.
 
+What a serving loop does: load the target onto a mesh (`load_target(..., mesh=make_mesh(...))` or
+`place_model`; `load_draft` puts the draft on the target's mesh), create the KV caches with
+`init_kv_caches(..., mesh=model_mesh(target))` (drafts' `init_state` and V4's `init_state` find
+the mesh themselves), and put the small per-row arrays it builds on the host on the mesh,
+replicated (`jax.device_put(x, NamedSharding(mesh, P()))`): a jitted step's outputs then have its
+inputs' shardings, so the next step reuses the same compiled program.
+
 Several hosts: `initialize_distributed()` joins the job the environment describes; every process
 runs the same program over the global mesh. The engine's request loop runs on process 0
 (`is_leader()`), which hands each step's batch to the others with `broadcast_from_leader`.
