@@ -12,14 +12,22 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import sharding
 from dspark_jax.models.attention import LayerKV, PagedMeta
 
 
 def init_kv_caches(heads_and_dims: list[tuple[int, int]], *, num_pages: int, page_size: int,
-                   dtype) -> list[LayerKV]:
-    """Zeroed (k_pages, v_pages) [num_pages, page_size, KVH, D] for each cache layer."""
-    return [(jnp.zeros((num_pages, page_size, kvh, d), dtype), jnp.zeros((num_pages, page_size, kvh, d), dtype))
-            for kvh, d in heads_and_dims]
+                   dtype, mesh=None) -> list[LayerKV]:
+    """Zeroed (k_pages, v_pages) [num_pages, page_size, KVH, D] for each cache layer.
+
+    With a mesh (`sharding.model_mesh(target)`) the pages are created in their shards, split by
+    KV head over "tensor" like the heads that read them; a KV head count the tensor axis does not
+    divide is refused.
+    """
+    def pages(kvh: int, d: int) -> jax.Array:
+        return sharding.zeros((num_pages, page_size, kvh, d), dtype, sharding.KV_PAGES, mesh)
+
+    return [(pages(kvh, d), pages(kvh, d)) for kvh, d in heads_and_dims]
 
 
 def kv_cache_bytes(heads_and_dims: list[tuple[int, int]], tokens: int, dtype) -> int:

@@ -423,6 +423,8 @@ class ServeConfig(Validated):
     page_size: int = 16
     prefill_chunk: int = 512
     kernels: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # see dspark_jax.kernels
+    # Device mesh sizes (data, tensor, expert) (see dspark_jax.sharding); () = every device on "tensor".
+    mesh: tuple[int, ...] = ()
     chat: bool = True  # wrap --prompt in the tokenizer's chat template
     host: str = "127.0.0.1"
     port: int = 8000
@@ -437,6 +439,8 @@ class ServeConfig(Validated):
                       "page_size", "a power of two")
         self._require(self.max_context >= self.page_size, "max_context", f">= page_size={self.page_size}")
         self._require(self.prefill_chunk >= 16, "prefill_chunk", ">= 16")
+        self._require(self.mesh == () or (len(self.mesh) == 3 and min(self.mesh) >= 1), "mesh",
+                      "() or three sizes >= 1 for the axes (data, tensor, expert), e.g. (1, 8, 1)")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dspark_jax.checkpoint.assets import resolve_source
@@ -10,6 +11,7 @@ from dspark_jax.config import Config, ConfigError, DraftConfig, TargetConfig
 from dspark_jax.checkpoint.deepspec import load_deepspec_draft
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
+from dspark_jax.sharding import create_placed, model_mesh, place_model
 from dspark_jax.tokenizer import load_tokenizer
 
 __all__ = ["load_target", "load_draft", "load_tokenizer", "target_folder", "checkpoint_folder"]
@@ -33,31 +35,40 @@ def checkpoint_folder(cfg: Config, purpose: str) -> Path:
     return folder
 
 
-def load_target(path_or_cfg, dtype: str | None = None):
+def load_target(path_or_cfg, dtype: str | None = None, *, mesh=None):
     """A target model from an HF folder, a .gguf file, an asset name, a TargetConfig or a Config.
 
     dtype defaults to the config's (or bfloat16 for a path). A config without a source builds
-    random weights of its `arch` (for benchmarks at real sizes).
+    random weights of its `arch` (for benchmarks at real sizes). With a mesh (see
+    `dspark_jax.sharding.make_mesh`) the weights are read straight into their shards.
     """
     if isinstance(path_or_cfg, Config):
         path_or_cfg = path_or_cfg.target
     if isinstance(path_or_cfg, TargetConfig):
         dtype = dtype or path_or_cfg.dtype
         if not path_or_cfg.source:
-            return create_target(path_or_cfg.arch, dtype=dtype, seed=path_or_cfg.seed)
-    return load_hf_target(target_folder(path_or_cfg), dtype=dtype or "bfloat16")
+            create = functools.partial(create_target, path_or_cfg.arch, dtype=dtype, seed=path_or_cfg.seed)
+            return create() if mesh is None else create_placed(create, mesh)
+    return load_hf_target(target_folder(path_or_cfg), dtype=dtype or "bfloat16", mesh=mesh)
 
 
 def load_draft(path_or_cfg, target, *, dtype=None):
-    """A draft for `target` from a DeepSpec-layout folder, "ngram", a DraftConfig or a Config."""
+    """A draft for `target` from a DeepSpec-layout folder, "ngram", a DraftConfig or a Config.
+
+    A target on a mesh gets its draft on the same mesh.
+    """
     if isinstance(path_or_cfg, Config):
         path_or_cfg = path_or_cfg.draft
     if isinstance(path_or_cfg, DraftConfig):
         if path_or_cfg.source:
-            return load_deepspec_draft(path_or_cfg.source, target, dtype=dtype)
-        return create_draft(path_or_cfg, target, dtype=dtype)
-    if path_or_cfg in ("ngram", "none"):
-        return create_draft(DraftConfig(kind=path_or_cfg), target, dtype=dtype)
-    if not Path(path_or_cfg).is_dir():
+            draft = load_deepspec_draft(path_or_cfg.source, target, dtype=dtype)
+        else:
+            draft = create_draft(path_or_cfg, target, dtype=dtype)
+    elif path_or_cfg in ("ngram", "none"):
+        draft = create_draft(DraftConfig(kind=path_or_cfg), target, dtype=dtype)
+    elif not Path(path_or_cfg).is_dir():
         raise FileNotFoundError(f"draft {path_or_cfg!r}: not a folder, 'ngram', or a draft config")
-    return load_deepspec_draft(path_or_cfg, target, dtype=dtype)
+    else:
+        draft = load_deepspec_draft(path_or_cfg, target, dtype=dtype)
+    mesh = model_mesh(target)
+    return draft if draft is None or mesh is None else place_model(draft, mesh)

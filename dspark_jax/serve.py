@@ -6,14 +6,21 @@ line of stats (tokens, tokens/s, accepted length when a draft is used).
 `--dry-run [--devices N] [--batch B] [--context C] [--device-memory GIB]` builds the model
 abstractly (shapes only: no weights, no allocation) and prints one JSON line of sizes: parameters
 (total, active per token), weight bytes, decoding-state bytes per token and per request, and
-whether weights + the state of B requests of C positions fit N devices (split evenly) of the
-given memory.
+the bytes one device holds — weights and the state of B requests of C positions, each array
+counted by its real partitioning on the device mesh — and whether that fits the given memory.
+
+The mesh: `serve.mesh` = (data, tensor, expert) sizes, or N devices all on "tensor" with
+`--devices N`; one device without either. A mesh that does not divide the model is refused.
+With a mesh the target is loaded straight onto it (the first devices of every process; a
+multi-process job — JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / Open
+MPI — is joined first, and every process runs the same command).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import jax
@@ -25,6 +32,8 @@ from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
+from dspark_jax.sharding import (KV_PAGES, abstract_mesh, bytes_per_device, initialize_distributed, make_mesh,
+                                 shard_shape)
 from dspark_jax.speculative.generate import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
@@ -38,7 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a config field, e.g. serve.temperature=0.7 (repeatable)")
     parser.add_argument("--prompt", help="generate one completion for this text and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the model's sizes as JSON; build nothing")
-    parser.add_argument("--devices", type=int, default=1, help="dry run: devices the model is split over")
+    parser.add_argument("--devices", type=int,
+                        help="devices of the mesh (default: as many as serve.mesh spans, else 1); "
+                             "without serve.mesh all on 'tensor'")
     parser.add_argument("--batch", type=int, help="dry run: concurrent requests (default serve.max_batch)")
     parser.add_argument("--context", type=int, help="dry run: positions per request (default serve.max_context)")
     parser.add_argument("--device-memory", type=float, default=80.0, metavar="GIB",
@@ -51,12 +62,25 @@ def spec_params(cfg: Config, draft) -> SpecParams:
     return SpecParams(block_size=block, scheduler=cfg.spec.scheduler, threshold=cfg.spec.threshold)
 
 
-def run_prompt(cfg: Config, prompt: str) -> dict:
+def mesh_devices(cfg: Config, devices: int | None) -> int:
+    """How many devices the mesh spans: --devices, else serve.mesh's product, else 1."""
+    if devices is not None and devices < 1:
+        raise ConfigError(f"--devices={devices}; expected >= 1")
+    if devices is not None:
+        return devices
+    return math.prod(cfg.serve.mesh) if cfg.serve.mesh else 1
+
+
+def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
     folder = checkpoint_folder(cfg, "--prompt")
     if isinstance(arch_from_hf_config(read_config_json(folder)), DeepseekV4Arch):  # before loading any weights
         raise ConfigError(f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint: generation drives "
                           "dense targets only so far; V4 offers --dry-run (and dspark_jax.models.deepseek_v4.v4_step)")
-    target = load_target(cfg)
+    count = mesh_devices(cfg, devices)
+    if count > jax.device_count():
+        raise ConfigError(f"the mesh spans {count} devices; {jax.device_count()} are available")
+    mesh = make_mesh(cfg.serve.mesh, jax.devices()[:count]) if count > 1 else None
+    target = load_target(cfg, mesh=mesh)
     tokenizer = load_tokenizer(folder)
     draft = load_draft(cfg, target)
     if cfg.serve.chat:
@@ -84,26 +108,33 @@ def run_prompt(cfg: Config, prompt: str) -> dict:
 
 def dry_run(cfg: Config, *, devices: int, batch: int, context: int, device_memory_gib: float) -> dict:
     """Sizes of the configured target (and the draft blocks it carries) from shapes alone."""
-    for name, value in (("--devices", devices), ("--batch", batch), ("--context", context)):
+    for name, value in (("--batch", batch), ("--context", context)):
         if value < 1:
             raise ConfigError(f"{name}={value}; expected >= 1")
     if device_memory_gib <= 0:
         raise ConfigError(f"--device-memory={device_memory_gib}; expected > 0 (GiB)")
+    mesh = abstract_mesh(cfg.serve.mesh, devices)
     folder = target_folder(cfg)
     arch = cfg.target.arch if folder is None else arch_from_hf_config(read_config_json(folder))
     dtype = cfg.target.dtype
     model = abstract_target(arch, dtype=dtype)
     counts = parameter_counts(model)
+    weights_per_device = bytes_per_device(model, mesh)  # refuses a mesh that does not divide the model
     routed_fraction = arch.num_experts_per_tok / arch.n_routed_experts if isinstance(arch, DeepseekV4Arch) else 1.0
     if isinstance(model, DeepseekV4ForCausalLM):
-        # The state grows by one compressed entry per ratio tokens; the windows are a fixed cost.
+        # The state grows by one compressed entry per ratio tokens; the windows are a fixed cost. It
+        # has no head axis (one K=V head), so every device holds all of it.
         per_request = model.state_bytes(context)
         per_token = (model.state_bytes(context + 2 ** 20) - model.state_bytes(context)) / 2 ** 20
+        state_per_device = batch * per_request
     else:
-        per_token = kv_cache_bytes(model.kv_heads_and_dims(), 1, as_dtype(dtype))
+        heads_and_dims = model.kv_heads_and_dims()
+        per_token = kv_cache_bytes(heads_and_dims, 1, as_dtype(dtype))
         per_request = per_token * context
-    total_bytes = counts["bytes"] + counts["draft_bytes"] + batch * per_request
-    per_device = -(-total_bytes // devices)
+        # K and V of every layer, split by KV head like the cache pages.
+        state_per_device = 2 * as_dtype(dtype).itemsize * sum(
+            math.prod(shard_shape((batch * context, kvh, d), KV_PAGES[1:], mesh)) for kvh, d in heads_and_dims)
+    per_device = weights_per_device + state_per_device
     memory = int(device_memory_gib * 2 ** 30)
     return {
         "params_total": counts["total"],
@@ -115,7 +146,9 @@ def dry_run(cfg: Config, *, devices: int, batch: int, context: int, device_memor
         "params_draft": counts["draft"],
         "draft_weight_bytes": counts["draft_bytes"],
         "kv_bytes_per_request": per_request,
-        "devices": devices, "batch": batch, "context": context, "device_memory_bytes": memory,
+        "weight_bytes_per_device": weights_per_device, "state_bytes_per_device": state_per_device,
+        "mesh": dict(mesh.shape), "devices": devices, "batch": batch, "context": context,
+        "device_memory_bytes": memory,
         "dtype": dtype, "arch": type(arch).__name__,
     }
 
@@ -124,15 +157,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if not args.dry_run:
+            initialize_distributed()
         if args.dry_run:
             batch = cfg.serve.max_batch if args.batch is None else args.batch
             context = cfg.serve.max_context if args.context is None else args.context
-            print(json.dumps(dry_run(cfg, devices=args.devices, batch=batch, context=context,
-                                     device_memory_gib=args.device_memory)), flush=True)
+            sizes = dry_run(cfg, devices=mesh_devices(cfg, args.devices), batch=batch, context=context,
+                            device_memory_gib=args.device_memory)
+            print(json.dumps(sizes), flush=True)
             return 0
         if args.prompt is None:
             raise ConfigError("nothing to do: pass --prompt TEXT (HTTP serving is not available yet)")
-        print(json.dumps(run_prompt(cfg, args.prompt)), flush=True)
+        print(json.dumps(run_prompt(cfg, args.prompt, args.devices)), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -97,12 +97,15 @@ def compile_counter():
 
 
 def randomize_params(model, seed: int, *, scale: float = 1.0):
-    """Replace every parameter by a non-degenerate random value (norms near 1, matrices ~1/sqrt(fan_in))."""
+    """Replace every parameter by a non-degenerate random value (norms near 1, matrices ~1/sqrt(fan_in)).
+
+    `model` may be abstract (`nnx.eval_shape`): building from shapes compiles no initialisers.
+    """
     rng = np.random.default_rng(seed)
     graphdef, state = nnx.split(model)
     flat = []
     for path, var in nnx.to_flat_state(state):
-        value = var[...]
+        value = var.get_value()  # an array, or a ShapeDtypeStruct of an abstract model
         if not isinstance(var, nnx.Param):
             flat.append((path, var))
             continue

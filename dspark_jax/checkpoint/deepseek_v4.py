@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json
+from dspark_jax import sharding
+from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json, to_device
 from dspark_jax.config import ConfigError, DeepseekV4Arch, RopeScaling, deepseek_v4_layer_types
 from dspark_jax.models import abstract_target
 from dspark_jax.models.common import as_dtype
@@ -310,7 +311,7 @@ class _Reader:
         if actual != shape:
             self.problems.append(f"{raw}: shape {list(actual)}, expected {list(shape)}")
             return None
-        array = np.asarray(self.source.get(raw))
+        array = self.source.view(raw)  # a memory map: a mesh's devices read their own blocks
         return array.view(np.uint8) if kind in ("fp4", "scale") else array
 
     def _dequantized(self, name: str, shape: tuple) -> np.ndarray | None:
@@ -323,7 +324,7 @@ class _Reader:
         if kind is None:
             self.problems.append(f"{raw}: dtype {dtype} next to a `.scale`; expected F8_E4M3 or packed FP4 (I8/U8)")
             return None
-        codes, scales = np.asarray(self.source.get(raw)), np.asarray(self.source.get(self.names[scale]))
+        codes, scales = self.source.view(raw), self.source.view(self.names[scale])
         dense = dequantize_fp8_np(codes, scales) if kind == "fp8" else dequantize_fp4_np(codes, scales)
         if dense.shape != shape:
             self.problems.append(f"{raw}: dequantized shape {list(dense.shape)}, expected {list(shape)}")
@@ -331,13 +332,15 @@ class _Reader:
         return dense
 
 
-def fill_v4_params(abstract_model, source: TensorSource, *, dtype, skip=lambda name: False):
+def fill_v4_params(abstract_model, source: TensorSource, *, dtype, skip=lambda name: False, mesh=None):
     """Materialise an `nnx.eval_shape` V4 model from a checkpoint, checking every name, shape and dtype.
 
     Quantized variables (FP8 codes, FP4 codes, e8m0 scales) take the checkpoint bytes as they are;
     dense parameters take plain tensors, or dequantize an FP8/FP4 `.weight` + `.scale` pair. Float
     parameters become `dtype`, except the ones the model keeps in fp32 (norms, mHC, sinks, ...).
+    With a mesh each variable goes straight to its shards (one tensor on the host at a time).
     """
+    shardings = sharding.shardings(abstract_model, mesh) if mesh is not None else {}
     graphdef, state = nnx.split(abstract_model)
     reader = _Reader(source)
     filled = []
@@ -355,7 +358,7 @@ def fill_v4_params(abstract_model, source: TensorSource, *, dtype, skip=lambda n
         if kind == "int" and array.size and (array.min() < 0 or array.max() >= abstract_model.arch.n_routed_experts):
             reader.problems.append(f"{template}: expert ids outside [0, {abstract_model.arch.n_routed_experts})")
         target = dtype if kind == "float" and var.dtype != jnp.float32 else var.dtype
-        filled.append((path, var.replace(jnp.asarray(array, dtype=target))))
+        filled.append((path, var.replace(to_device(array, target, shardings.get(path)))))
     unexpected = sorted(n for n in set(reader.names) - reader.used if not skip(n))
     if unexpected:
         reader.problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:20]}")
@@ -365,7 +368,7 @@ def fill_v4_params(abstract_model, source: TensorSource, *, dtype, skip=lambda n
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_v4_target(folder: str | Path, *, dtype="bfloat16", dequantize: bool = False):
+def load_v4_target(folder: str | Path, *, dtype="bfloat16", dequantize: bool = False, mesh=None):
     """A DeepSeek-V4 folder (config.json + safetensors, sharded with an index or not) as our model.
 
     `dequantize=True` loads an FP8/FP4 checkpoint into dense weights of `dtype` (for tests and
@@ -378,7 +381,7 @@ def load_v4_target(folder: str | Path, *, dtype="bfloat16", dequantize: bool = F
     dtype = as_dtype(dtype)
     skip_mtp = arch.num_mtp_layers == 0
     return fill_v4_params(abstract_target(arch, dtype=dtype), TensorSource(folder), dtype=dtype,
-                          skip=lambda name: skip_mtp and name.startswith("mtp."))
+                          skip=lambda name: skip_mtp and name.startswith("mtp."), mesh=mesh)
 
 
 # --------------------------------------------------------------------------------------------

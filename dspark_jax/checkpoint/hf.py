@@ -19,7 +19,8 @@ from flax import nnx
 from safetensors.flax import save_file
 
 from dspark_jax.checkpoint.deepseek_v4 import arch_from_config, arch_to_config, load_v4_target
-from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json
+from dspark_jax import sharding
+from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json, to_device
 from dspark_jax.config import (ConfigError, DeepseekV4Arch, Gemma4Arch, LlamaArch, RopeScaling, TargetArch,
                                gemma4_default_layer_types)
 from dspark_jax.models import abstract_target
@@ -333,12 +334,14 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def fill_params(abstract_model, source: TensorSource, *, dtype,
                 name_of: Callable[[tuple], tuple[str, bool]] = hf_tensor_name,
-                optional: Callable[[str], bool] = lambda name: False):
+                optional: Callable[[str], bool] = lambda name: False, mesh=None):
     """Materialise an `nnx.eval_shape` model from checkpoint tensors, checking names and shapes.
 
     Every parameter must be present with the right shape; every checkpoint tensor must be used
-    (except names `optional(name)` accepts, e.g. a tied lm_head stored anyway).
+    (except names `optional(name)` accepts, e.g. a tied lm_head stored anyway). With a mesh each
+    parameter is built in its shards (see dspark_jax.sharding), each device reading its own block.
     """
+    shardings = sharding.shardings(abstract_model, mesh) if mesh is not None else {}
     graphdef, state = nnx.split(abstract_model)
     flat = nnx.to_flat_state(state)
     missing, misshaped, filled = [], [], []
@@ -355,10 +358,10 @@ def fill_params(abstract_model, source: TensorSource, *, dtype,
             misshaped.append(f"{name}: checkpoint {list(shape)}, expected {list(expected)}")
             filled.append((path, var))
             continue
-        array = source.get(name)
-        array = array.T if transpose else array
+        array = source.view(name)
         target_dtype = dtype if jnp.issubdtype(var.dtype, jnp.floating) else var.dtype
-        filled.append((path, var.replace(jnp.asarray(array, dtype=target_dtype))))
+        filled.append((path, var.replace(to_device(array.T if transpose else array, target_dtype,
+                                                   shardings.get(path)))))
         used.add(name)
     unexpected = sorted(n for n in source.names() - used
                         if not n.endswith(IGNORED_SUFFIXES) and not optional(n))
@@ -374,18 +377,18 @@ def fill_params(abstract_model, source: TensorSource, *, dtype,
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_hf_target(folder: str | Path, *, dtype="bfloat16"):
-    """Load an HF model folder (config.json + safetensors) as our target module."""
+def load_hf_target(folder: str | Path, *, dtype="bfloat16", mesh=None):
+    """Load an HF model folder (config.json + safetensors) as our target module (onto `mesh`, if given)."""
     cfg = read_config_json(folder)
     if cfg.get("model_type") == "deepseek_v4":  # official names, quantized formats, stacked experts
-        return load_v4_target(folder, dtype=dtype)
+        return load_v4_target(folder, dtype=dtype, mesh=mesh)
     arch = arch_from_hf_config(cfg)
     name_of, skipped = hf_checkpoint_layout(cfg)
     dtype = as_dtype(dtype)
     model = abstract_target(arch, dtype=dtype)
     tied = getattr(arch, "tie_word_embeddings", False)
     return fill_params(model, TensorSource(folder), dtype=dtype, name_of=name_of,
-                       optional=lambda name: skipped(name) or (tied and name == "lm_head.weight"))
+                       optional=lambda name: skipped(name) or (tied and name == "lm_head.weight"), mesh=mesh)
 
 
 def model_tensors(model, name_of: Callable[[tuple], tuple[str, bool]] = hf_tensor_name) -> dict[str, jax.Array]:

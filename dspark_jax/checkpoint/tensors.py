@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -26,6 +27,9 @@ class CheckpointError(ValueError):
 # file's bytes and viewed through ml_dtypes.
 RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
               "F8_E8M0": ml_dtypes.float8_e8m0fnu}
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+                **RAW_DTYPES}
 
 
 class TensorSource:
@@ -64,23 +68,38 @@ class TensorSource:
         """The tensor; FP8/E8M0 tensors come as numpy arrays of the ml_dtypes type."""
         dtype = self.dtype(name)
         if dtype in RAW_DTYPES:
-            return self._raw(name, RAW_DTYPES[dtype])
+            return np.array(self.view(name))
         return self._handle(name).get_tensor(name)
 
-    def _raw(self, name: str, dtype) -> np.ndarray:
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory map: indexing it reads only the bytes indexed (each device's
+        block when loading onto a mesh), never the whole tensor."""
         path = self.location[name]
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             entry = json.loads(f.read(header_len))[name]
+        if entry["dtype"] not in NUMPY_DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {entry['dtype']}; expected one of "
+                                  f"{sorted(NUMPY_DTYPES)}")
         begin, end = entry["data_offsets"]
+        if end == begin:  # numpy cannot map zero bytes
+            return np.zeros(entry["shape"], NUMPY_DTYPES[entry["dtype"]])
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len + begin, shape=(end - begin,))
-        return np.array(data).view(dtype).reshape(entry["shape"])
+        return data.view(NUMPY_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def _handle(self, name: str):
         f = self.location[name]
         if f not in self._open:
             self._open[f] = safe_open(str(f), framework="flax")
         return self._open[f]
+
+
+def to_device(array: np.ndarray, dtype, sharding=None) -> jax.Array:
+    """A host array (or memory map) as a device array of `dtype`: whole on the default device, or with
+    `sharding` built block by block, each device reading only its own block of `array`."""
+    if sharding is None:
+        return jnp.asarray(array, dtype)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype))
 
 
 def read_config_json(folder: str | Path) -> dict:

@@ -23,7 +23,8 @@ from dspark_jax.config import DraftConfig
 from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models import decoder_layer
 from dspark_jax.models.attention import DenseDraftBlocks, DraftBlock, LayerKV
-from dspark_jax.models.common import RMSNorm, linear, normal_init
+from dspark_jax.models.common import RMSNorm, embedding, linear
+from dspark_jax.sharding import model_mesh
 from dspark_jax.speculative.sampling import sample_from_probs, uniform_from_keys, warp_probs
 
 
@@ -33,9 +34,9 @@ class MarkovHead(nnx.Module):
     def __init__(self, kind: str, *, vocab: int, rank: int, hidden: int, dtype, rngs: nnx.Rngs):
         self.kind = kind
         self.rank = rank
-        self.markov_w1 = nnx.Embed(vocab, rank, dtype=dtype, param_dtype=dtype, embedding_init=normal_init(),
-                                   rngs=rngs)
-        self.markov_w2 = linear(rank, vocab, bias=False, dtype=dtype, rngs=rngs)
+        # Vocabulary-split like the target's embedding and head: B_k comes out split as the base logits.
+        self.markov_w1 = embedding(vocab, rank, dtype=dtype, rngs=rngs)
+        self.markov_w2 = linear(rank, vocab, bias=False, dtype=dtype, rngs=rngs, axes=(None, "vocab"))
         self.gate_proj = linear(hidden + rank, rank, bias=True, dtype=dtype, rngs=rngs) if kind == "gated" else None
         self.joint_proj = (linear(2 * rank + hidden, 3 * rank, bias=True, dtype=dtype, rngs=rngs)
                            if kind == "rnn" else None)
@@ -139,7 +140,8 @@ class DSparkDraft(nnx.Module):
     def init_state(self, *, rows: int, num_pages: int, page_size: int, dtype) -> ContextCache:
         del rows
         heads_dims = [(self.layer_arch.num_kv_heads, self.layer_arch.head_dim)] * self.config.num_layers
-        return ContextCache(init_kv_caches(heads_dims, num_pages=num_pages, page_size=page_size, dtype=dtype))
+        return ContextCache(init_kv_caches(heads_dims, num_pages=num_pages, page_size=page_size, dtype=dtype,
+                                           mesh=model_mesh(self)))
 
     def context(self, features):
         """C = hidden_norm(fc(features)), the per-position context shared by all layers."""

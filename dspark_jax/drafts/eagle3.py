@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import sharding
 from dspark_jax.cache import init_kv_caches, ragged_layout
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts.base import Proposal, ProposeInputs
@@ -67,9 +68,10 @@ class Eagle3Draft(nnx.Module):
         return tuple(self.config.target_layer_ids)
 
     def init_state(self, *, rows: int, num_pages: int, page_size: int, dtype) -> Eagle3State:
+        mesh = sharding.model_mesh(self)
         caches = init_kv_caches([(self.layer_arch.num_kv_heads, self.layer_arch.head_dim)], num_pages=num_pages,
-                                page_size=page_size, dtype=dtype)
-        return Eagle3State(caches, jnp.zeros((rows, self.layer_arch.hidden_size), dtype))
+                                page_size=page_size, dtype=dtype, mesh=mesh)
+        return Eagle3State(caches, sharding.zeros((rows, self.layer_arch.hidden_size), dtype, (), mesh))
 
     def ingest(self, target, state: Eagle3State, features, next_tokens, layout, rows) -> Eagle3State:
         attn = PagedKV(state.caches, layout.meta)

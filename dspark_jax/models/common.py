@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax import kernels
+from dspark_jax.sharding import logical
 from dspark_jax.config import RopeScaling
 from pallas_kernels.add_rms_norm import rms_norm_reference
 
@@ -27,10 +28,21 @@ def normal_init(stddev: float = 0.02):
     return nnx.initializers.normal(stddev)
 
 
-def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """A Linear with kernel [in, out] in `dtype` (HF stores [out, in]; loaders transpose)."""
+def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs,
+           axes: tuple[str | None, str | None] = (None, None)) -> nnx.Linear:
+    """A Linear with kernel [in, out] in `dtype` (HF stores [out, in]; loaders transpose).
+
+    `axes`: the logical axes of (in, out) (see dspark_jax.sharding); the bias follows `out`.
+    """
     return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype,
-                      kernel_init=normal_init(), rngs=rngs)
+                      kernel_init=normal_init(), kernel_metadata=logical(*axes), bias_metadata=logical(axes[1]),
+                      rngs=rngs)
+
+
+def embedding(vocab: int, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
+    """A token embedding [vocab, features] split by vocabulary rows on a mesh."""
+    return nnx.Embed(vocab, features, dtype=dtype, param_dtype=dtype, embedding_init=normal_init(),
+                     embedding_metadata=logical("vocab", None), rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -172,9 +184,10 @@ class GatedMLP(nnx.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r}; expected one of {list(ACTIVATIONS)}")
         self.act = act
-        self.gate_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = linear(intermediate, hidden, bias=bias, dtype=dtype, rngs=rngs)
+        # Column-split gate/up and row-split down: one all-reduce per MLP on a tensor mesh.
+        self.gate_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
+        self.up_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
+        self.down_proj = linear(intermediate, hidden, bias=bias, dtype=dtype, rngs=rngs, axes=("mlp", None))
 
     def __call__(self, x):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))

@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import sharding
 from dspark_jax.config import DeepseekV4Arch
 from dspark_jax.models.attention import DenseCausal
-from dspark_jax.models.common import RMSNorm, apply_interleaved_rope, rope_inv_freq
+from dspark_jax.models.common import RMSNorm, apply_interleaved_rope, embedding, rope_inv_freq
 from dspark_jax.models.moe import MoE
 from dspark_jax.models.quant import Linear
 
@@ -62,8 +63,8 @@ def _unit_rms(x: jax.Array, eps: float) -> jax.Array:
     return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
-def _fp32_param(shape, rngs: nnx.Rngs, stddev: float = 0.02) -> nnx.Param:
-    return nnx.Param(nnx.initializers.normal(stddev)(rngs.params(), shape, jnp.float32))
+def _fp32_param(shape, rngs: nnx.Rngs, stddev: float = 0.02, axes: tuple = ()) -> nnx.Param:
+    return nnx.Param(nnx.initializers.normal(stddev)(rngs.params(), shape, jnp.float32), **sharding.logical(*axes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,9 +324,11 @@ class Indexer(nnx.Module):
 
     def __init__(self, arch: DeepseekV4Arch, rope: tuple, *, dtype, rngs: nnx.Rngs):
         self.num_heads, self.head_dim, self.topk = arch.index_n_heads, arch.index_head_dim, arch.index_topk
+        # Indexer heads split over a tensor mesh; their weighted sum over heads is then all-reduced.
         self.wq_b = Linear(arch.q_lora_rank, self.num_heads * self.head_dim, fp8=arch.weight_format == "fp8",
-                           dtype=dtype, rngs=rngs)
-        self.weights_proj = Linear(arch.hidden_size, self.num_heads, fp8=False, dtype=dtype, rngs=rngs)
+                           dtype=dtype, rngs=rngs, axes=("index_heads", None))
+        self.weights_proj = Linear(arch.hidden_size, self.num_heads, fp8=False, dtype=dtype, rngs=rngs,
+                                   axes=("index_heads", None))
         self.compressor = Compressor(arch.hidden_size, self.head_dim, arch.csa_ratio, overlap=True,
                                      eps=arch.rms_norm_eps, rope=rope, dtype=dtype, rngs=rngs)
         self.rope = rope
@@ -357,14 +360,17 @@ class Attention(nnx.Module):
                      else (arch.rope_head_dim, arch.rope_theta, None))
         self.wq_a = Linear(hidden, arch.q_lora_rank, fp8=fp8, dtype=dtype, rngs=rngs)
         self.q_norm = _norm(arch.q_lora_rank, arch.rms_norm_eps)
-        self.wq_b = Linear(arch.q_lora_rank, heads * head_dim, fp8=fp8, dtype=dtype, rngs=rngs)
+        # Query heads split over a tensor mesh; the single K=V head and the low-rank paths are replicated.
+        self.wq_b = Linear(arch.q_lora_rank, heads * head_dim, fp8=fp8, dtype=dtype, rngs=rngs, axes=("heads", None))
         self.wkv = Linear(hidden, head_dim, fp8=fp8, dtype=dtype, rngs=rngs)
         self.kv_norm = _norm(head_dim, arch.rms_norm_eps)
         # wo_a is block-diagonal: o_groups blocks of [o_lora_rank, heads·head_dim / o_groups], stacked.
+        # Split by whole groups (each a run of heads), so a device's heads meet its own wo_a blocks.
         self.wo_a = Linear(heads * head_dim // arch.o_groups, arch.o_groups * arch.o_lora_rank, fp8=fp8, dtype=dtype,
-                           rngs=rngs)
-        self.wo_b = Linear(arch.o_groups * arch.o_lora_rank, hidden, fp8=fp8, dtype=dtype, rngs=rngs)
-        self.attn_sink = _fp32_param((heads,), rngs)
+                           rngs=rngs, axes=("o_groups", None))
+        self.wo_b = Linear(arch.o_groups * arch.o_lora_rank, hidden, fp8=fp8, dtype=dtype, rngs=rngs,
+                           axes=(None, "o_groups"))
+        self.attn_sink = _fp32_param((heads,), rngs, axes=("heads",))
         if layer_type == "heavily_compressed_attention":
             self.compressor = Compressor(hidden, head_dim, arch.hca_ratio, overlap=False, eps=arch.rms_norm_eps,
                                          rope=self.rope, dtype=dtype, rngs=rngs)
@@ -500,9 +506,8 @@ class MarkovHead(nnx.Module):
     """DSpark's vanilla Markov head of a V4 DSpark checkpoint: bias(x_prev) = markov_w1[x_prev] · markov_w2ᵀ."""
 
     def __init__(self, vocab: int, rank: int, *, dtype, rngs: nnx.Rngs):
-        self.markov_w1 = nnx.Embed(vocab, rank, dtype=dtype, param_dtype=dtype,
-                                   embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.markov_w2 = Linear(rank, vocab, fp8=False, dtype=dtype, rngs=rngs)
+        self.markov_w1 = embedding(vocab, rank, dtype=dtype, rngs=rngs)
+        self.markov_w2 = Linear(rank, vocab, fp8=False, dtype=dtype, rngs=rngs, axes=("vocab", None))
 
 
 class ConfidenceHead(nnx.Module):
@@ -537,12 +542,11 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
     def __init__(self, arch: DeepseekV4Arch, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.arch = arch
         self.dtype = jnp.dtype(dtype)
-        self.embed = nnx.Embed(arch.vocab_size, arch.hidden_size, dtype=dtype, param_dtype=dtype,
-                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.embed = embedding(arch.vocab_size, arch.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Block(arch, arch.layer_types[i], i < arch.num_hash_layers, dtype=dtype, rngs=rngs)
                                 for i in range(arch.num_layers)])
         self.norm = _norm(arch.hidden_size, arch.rms_norm_eps)
-        self.head = Linear(arch.hidden_size, arch.vocab_size, fp8=False, dtype=dtype, rngs=rngs)
+        self.head = Linear(arch.hidden_size, arch.vocab_size, fp8=False, dtype=dtype, rngs=rngs, axes=("vocab", None))
         _hc_params("hc_head", self, arch, rngs, arch.hc_mult)
         self.mtp = nnx.List([DSparkBlock(arch, k, dtype=dtype, rngs=rngs) for k in range(arch.num_mtp_layers)])
 
@@ -589,12 +593,13 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
         the rejected tokens' writes never reach a position a later query reads.
         """
         a = self.arch
-        dtype = dtype or self.dtype
+        # On the model's mesh, replicated: the state holds the single K=V head (no head axis to split).
+        zeros = functools.partial(sharding.zeros, dtype=dtype or self.dtype, names=(), mesh=sharding.model_mesh(self))
         ring_w = a.sliding_window - 1 + rollback
         layers = []
         for i in range(a.num_layers):
             ratio = a.compress_ratio(i)
-            window = jnp.zeros((rows, ring_w, a.head_dim), dtype)
+            window = zeros((rows, ring_w, a.head_dim))
             if ratio == 0:
                 layers.append(V4LayerState(window, None, None, None, None))
                 continue
@@ -603,10 +608,10 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
             ring_c = span - 1 + rollback
             entries = -(-max_context // ratio)
             width = 2 * a.head_dim if csa else a.head_dim
-            comp_src = jnp.zeros((rows, ring_c, 2 * width), dtype)
-            comp = jnp.zeros((rows, entries, a.head_dim), dtype)
-            index_src = jnp.zeros((rows, ring_c, 4 * a.index_head_dim), dtype) if csa else None
-            index = jnp.zeros((rows, entries, a.index_head_dim), dtype) if csa else None
+            comp_src = zeros((rows, ring_c, 2 * width))
+            comp = zeros((rows, entries, a.head_dim))
+            index_src = zeros((rows, ring_c, 4 * a.index_head_dim)) if csa else None
+            index = zeros((rows, entries, a.index_head_dim)) if csa else None
             layers.append(V4LayerState(window, comp_src, comp, index_src, index))
         return V4State(layers, rollback)
 

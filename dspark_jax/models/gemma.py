@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import Gemma4Arch
-from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, lm_head_logits, normal_init,
+from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, embedding, linear, lm_head_logits,
                                       proportional_rope_inv_freq, run_layers)
 
 
@@ -37,11 +37,12 @@ class Gemma4Attention(nnx.Module):
         self.rope_theta = arch.rope_theta_sliding if sliding else arch.rope_theta_full
         self.partial_rotary_factor = arch.partial_rotary_factor_sliding if sliding else arch.partial_rotary_factor_full
         hidden, bias = arch.hidden_size, arch.attention_bias
-        self.q_proj = linear(hidden, self.num_heads * self.head_dim, bias=bias, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(hidden, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype, rngs=rngs)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = linear(hidden, q_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
+        self.k_proj = linear(hidden, kv_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
         self.v_proj = None if arch.attention_k_eq_v and not sliding else linear(
-            hidden, self.num_kv_heads * self.head_dim, bias=bias, dtype=dtype, rngs=rngs)
-        self.o_proj = linear(self.num_heads * self.head_dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
+            hidden, kv_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
+        self.o_proj = linear(q_dim, hidden, bias=bias, dtype=dtype, rngs=rngs, axes=("heads", None))
         self.q_norm = _norm(self.head_dim, arch, dtype)
         self.k_norm = _norm(self.head_dim, arch, dtype)
         self.v_norm = _norm(self.head_dim, arch, dtype, with_scale=False)
@@ -83,12 +84,11 @@ class Gemma4ForCausalLM(nnx.Module):
     def __init__(self, arch: Gemma4Arch, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.arch = arch
         self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = nnx.Embed(arch.vocab_size, arch.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=normal_init(), rngs=rngs)
+        self.embed_tokens = embedding(arch.vocab_size, arch.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([Gemma4DecoderLayer(arch, i, dtype=dtype, rngs=rngs) for i in range(arch.num_layers)])
         self.norm = _norm(arch.hidden_size, arch, dtype)
         self.lm_head = None if arch.tie_word_embeddings else linear(
-            arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, rngs=rngs, axes=(None, "vocab"))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         # HF rounds sqrt(hidden) to the weight dtype and multiplies in that dtype (bf16: 55.4 -> 55.5).

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import LlamaArch
-from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, linear, lm_head_logits, normal_init,
+from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, embedding, linear, lm_head_logits,
                                       rope_attention_factor, rope_inv_freq, run_layers)
 
 
@@ -23,10 +23,12 @@ class LlamaAttention(nnx.Module):
         in_features = in_features or arch.hidden_size
         qkv_bias = arch.attention_bias
         out_bias = arch.attention_bias and arch.model_type != "qwen2"
-        self.q_proj = linear(in_features, self.num_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = linear(in_features, self.num_kv_heads * self.head_dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = linear(self.num_heads * self.head_dim, arch.hidden_size, bias=out_bias, dtype=dtype, rngs=rngs)
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Heads split over a tensor mesh: q/k/v by columns, o by rows (one all-reduce per attention).
+        self.q_proj = linear(in_features, q_dim, bias=qkv_bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
+        self.k_proj = linear(in_features, kv_dim, bias=qkv_bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
+        self.v_proj = linear(in_features, kv_dim, bias=qkv_bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
+        self.o_proj = linear(q_dim, arch.hidden_size, bias=out_bias, dtype=dtype, rngs=rngs, axes=("heads", None))
         if arch.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=arch.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(self.head_dim, eps=arch.rms_norm_eps, dtype=dtype)
@@ -74,12 +76,11 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, arch: LlamaArch, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.arch = arch
         self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = nnx.Embed(arch.vocab_size, arch.hidden_size, dtype=dtype, param_dtype=dtype,
-                                      embedding_init=normal_init(), rngs=rngs)
+        self.embed_tokens = embedding(arch.vocab_size, arch.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([LlamaDecoderLayer(arch, dtype=dtype, rngs=rngs) for _ in range(arch.num_layers)])
         self.norm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps, dtype=dtype)
         self.lm_head = None if arch.tie_word_embeddings else linear(
-            arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+            arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, rngs=rngs, axes=(None, "vocab"))
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens)

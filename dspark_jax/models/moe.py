@@ -3,16 +3,22 @@
 Dispatch is static-shaped: the T·k (token, expert) assignments are sorted by expert and run
 through `jax.lax.ragged_dot_general` over the experts they use. Only the experts some token
 picked are gathered (and dequantized, for FP4 weights): at most min(E, T·k) of them, so a decode
-step reads k experts per token rather than all E.
+step reads k experts per token rather than all E. On a mesh each device does this for its own
+experts over every token (the batch is replicated) and the outputs are summed (expert parallelism
+by all-gather + psum; a `ragged_all_to_all` dispatch would move only the routed rows).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from dspark_jax.models.quant import Buffer, Linear, StackedWeights
+from dspark_jax import sharding
+from dspark_jax.models.quant import Buffer, Linear, StackedWeights, take_stacked
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -58,7 +64,12 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """E routed SwiGLU experts: w1 (gate) and w3 (up) [E, I, H], w2 (down) [E, H, I]."""
+    """E routed SwiGLU experts: w1 (gate) and w3 (up) [E, I, H], w2 (down) [E, H, I].
+
+    On a mesh the experts are split over the "expert" × "tensor" axes (see dspark_jax.sharding) and
+    dispatch is expert-parallel: every device sees all tokens and their assignments, runs the ones
+    routed to its own experts, and the partial outputs are summed across devices.
+    """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, *, fp4: bool, limit: float, dtype,
                  rngs: nnx.Rngs):
@@ -69,26 +80,55 @@ class Experts(nnx.Module):
 
     def __call__(self, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
         """Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) for x [T, H]; returns [T, H] in x's dtype."""
-        num_tokens, top_k = ids.shape
-        flat = ids.reshape(-1)
-        used_count = min(self.num_experts, num_tokens * top_k)
-        if used_count < self.num_experts:
-            # The experts some token picked, in id order, padded with unused ones (empty groups).
-            picked = jnp.zeros((self.num_experts,), bool).at[flat].set(True)
-            used = jnp.argsort(~picked, stable=True)[:used_count]
-            group = jnp.zeros((self.num_experts,), jnp.int32).at[used].set(jnp.arange(used_count, dtype=jnp.int32))[flat]
-        else:
-            used, group = None, flat
-        order = jnp.argsort(group, stable=True)
-        sizes = jnp.bincount(group, length=used_count).astype(jnp.int32)
-        token = order // top_k
-        xs = x[token]
-        gate = _grouped(xs, self.w1.take(used, x.dtype), sizes)
-        up = _grouped(xs, self.w3.take(used, x.dtype), sizes)
-        hidden = clamped_swiglu(gate, up, self.limit).astype(x.dtype)
-        out = _grouped(hidden, self.w2.take(used, x.dtype), sizes)
-        out = out * weights.reshape(-1)[order][:, None]
-        return jax.ops.segment_sum(out, token, num_segments=num_tokens).astype(x.dtype)
+        stacks = (self.w1.arrays(), self.w2.arrays(), self.w3.arrays())
+        mesh = sharding.mesh_of(stacks[0][0])
+        axes = sharding.mesh_axes("experts")
+        if not sharding.is_ours(mesh) or math.prod(mesh.shape[a] for a in axes) == 1:
+            return routed_experts(x, ids, weights, stacks, self.num_experts, self.limit).astype(x.dtype)
+        local = self.num_experts // math.prod(mesh.shape[a] for a in axes)
+
+        def per_device(x, ids, weights, stacks):
+            first = jax.lax.axis_index(axes) * local  # this device's experts: first .. first + local − 1
+            return jax.lax.psum(routed_experts(x, ids - first, weights, stacks, local, self.limit), axes)
+
+        split = jax.sharding.PartitionSpec(axes)
+        out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), split), out_specs=P(),
+                            check_vma=False)(x, ids, weights, stacks)
+        return out.astype(x.dtype)
+
+
+def routed_experts(x, ids, weights, stacks, num_experts: int, limit: float) -> jax.Array:
+    """fp32 [T, H]: Σ_j weights[t, j] · expert_{ids[t, j]}(x[t]) over the assignments to experts 0..num_experts−1.
+
+    stacks: (w1, w2, w3) as (weight, scale or None) with `num_experts` stacked matrices each; an
+    assignment to an id outside 0..num_experts−1 contributes nothing (another device's expert).
+    Assignments are sorted by expert and run through `ragged_dot_general`; only the experts some
+    token picked are gathered (and dequantized): at most min(E, T·k).
+    """
+    num_tokens, top_k = ids.shape
+    flat = ids.reshape(-1)
+    mine = (flat >= 0) & (flat < num_experts)
+    used_count = min(num_experts, num_tokens * top_k)
+    if used_count < num_experts:
+        # The experts some token picked, in id order, padded with unused ones (empty groups).
+        picked = jnp.zeros((num_experts,), bool).at[jnp.where(mine, flat, num_experts)].set(True, mode="drop")
+        used = jnp.argsort(~picked, stable=True)[:used_count]
+        group = jnp.zeros((num_experts,), jnp.int32).at[used].set(jnp.arange(used_count, dtype=jnp.int32))[
+            jnp.clip(flat, 0, num_experts - 1)]
+    else:
+        used, group = None, flat
+    group = jnp.where(mine, group, used_count)  # other devices' assignments sort last, in no group
+    order = jnp.argsort(group, stable=True)
+    sizes = jnp.bincount(group, length=used_count).astype(jnp.int32)
+    token = order // top_k
+    xs = x[token]
+    (w1, s1), (w2, s2), (w3, s3) = stacks
+    gate = _grouped(xs, take_stacked(w1, s1, used, x.dtype), sizes)
+    up = _grouped(xs, take_stacked(w3, s3, used, x.dtype), sizes)
+    hidden = clamped_swiglu(gate, up, limit).astype(x.dtype)
+    out = _grouped(hidden, take_stacked(w2, s2, used, x.dtype), sizes)
+    out = jnp.where(mine[order][:, None], out * weights.reshape(-1)[order][:, None], 0.0)
+    return jax.ops.segment_sum(out, token, num_segments=num_tokens)
 
 
 def _grouped(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -103,9 +143,9 @@ class SharedExpert(nnx.Module):
 
     def __init__(self, hidden: int, intermediate: int, *, fp8: bool, limit: float, dtype, rngs: nnx.Rngs):
         self.limit = limit
-        self.w1 = Linear(hidden, intermediate, fp8=fp8, dtype=dtype, rngs=rngs)
-        self.w2 = Linear(intermediate, hidden, fp8=fp8, dtype=dtype, rngs=rngs)
-        self.w3 = Linear(hidden, intermediate, fp8=fp8, dtype=dtype, rngs=rngs)
+        self.w1 = Linear(hidden, intermediate, fp8=fp8, dtype=dtype, rngs=rngs, axes=("mlp", None))
+        self.w2 = Linear(intermediate, hidden, fp8=fp8, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
+        self.w3 = Linear(hidden, intermediate, fp8=fp8, dtype=dtype, rngs=rngs, axes=("mlp", None))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))

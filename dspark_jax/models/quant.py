@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax.sharding import logical
+
 FP8_BLOCK = 128
 FP4_GROUP = 32
 E8M0_BIAS = 127
@@ -111,15 +113,21 @@ def _scale_init(byte: int):
 
 
 class Linear(nnx.Module):
-    """y = x Wᵀ with W [out, in] in the checkpoint's orientation, dense or FP8 (`weight` + `scale`)."""
+    """y = x Wᵀ with W [out, in] in the checkpoint's orientation, dense or FP8 (`weight` + `scale`).
 
-    def __init__(self, in_features: int, out_features: int, *, fp8: bool, dtype, rngs: nnx.Rngs):
+    `axes`: the logical axes of (out, in) (see dspark_jax.sharding); block scales follow them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, fp8: bool, dtype, rngs: nnx.Rngs,
+                 axes: tuple[str | None, str | None] = (None, None)):
         self.in_features, self.out_features = in_features, out_features
         if fp8:
-            self.weight = Buffer(_fp8_codes_init(rngs.params(), (out_features, in_features)))
-            self.scale = Buffer(_scale_init(FP8_INIT_SCALE_BYTE)(None, fp8_scale_shape(out_features, in_features)))
+            self.weight = Buffer(_fp8_codes_init(rngs.params(), (out_features, in_features)), **logical(*axes))
+            self.scale = Buffer(_scale_init(FP8_INIT_SCALE_BYTE)(None, fp8_scale_shape(out_features, in_features)),
+                                **logical(*axes))
         else:
-            self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (out_features, in_features), dtype))
+            self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (out_features, in_features), dtype),
+                                    **logical(*axes))
             self.scale = None
 
     def dense_weight(self, dtype) -> jax.Array:
@@ -138,19 +146,27 @@ class StackedWeights(nnx.Module):
 
     def __init__(self, num: int, out_features: int, in_features: int, *, fp4: bool, dtype, rngs: nnx.Rngs):
         self.out_features, self.in_features = out_features, in_features
+        split = logical("experts", None, None)  # whole experts per device on a mesh
         if fp4:
             (codes, scales) = fp4_shapes(out_features, in_features)
-            self.weight = Buffer(_packed_fp4_init(rngs.params(), (num, *codes)))
-            self.scale = Buffer(_scale_init(FP4_INIT_SCALE_BYTE)(None, (num, *scales)))
+            self.weight = Buffer(_packed_fp4_init(rngs.params(), (num, *codes)), **split)
+            self.scale = Buffer(_scale_init(FP4_INIT_SCALE_BYTE)(None, (num, *scales)), **split)
         else:
             self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (num, out_features, in_features),
-                                                                  dtype))
+                                                                  dtype), **split)
             self.scale = None
 
-    def take(self, ids: jax.Array | None, dtype) -> jax.Array:
-        """[len(ids), out, in] matrices in dtype (all of them when ids is None)."""
-        weight = self.weight[...] if ids is None else self.weight[...][ids]
-        if self.scale is None:
-            return weight.astype(dtype)
-        scale = self.scale[...] if ids is None else self.scale[...][ids]
-        return dequantize_fp4(weight, scale, dtype)
+    def arrays(self) -> tuple[jax.Array, jax.Array | None]:
+        """(weight, scale or None): what `take_stacked` reads."""
+        return self.weight[...], None if self.scale is None else self.scale[...]
+
+
+def take_stacked(weight: jax.Array, scale: jax.Array | None, ids: jax.Array | None, dtype) -> jax.Array:
+    """[len(ids), out, in] matrices in dtype of stacked weights (all of them when ids is None), dequantized
+    when FP4 (`scale` not None)."""
+    if ids is not None:
+        weight = weight[ids]
+        scale = None if scale is None else scale[ids]
+    if scale is None:
+        return weight.astype(dtype)
+    return dequantize_fp4(weight, scale, dtype)
