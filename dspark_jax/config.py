@@ -423,6 +423,10 @@ class ServeConfig(Validated):
     page_size: int = 16
     prefill_chunk: int = 512
     kernels: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # see dspark_jax.kernels
+    num_pages: int = 0  # KV pages shared by all requests; 0 = enough for max_batch × max_context
+    max_waiting: int = 256  # requests waiting for a slot before new ones are refused (HTTP 429)
+    warmup: bool = True  # compile every program shape before serving
+    compilation_cache: bool = True  # keep compiled programs on disk (under the cache folder) across runs
     chat: bool = True  # wrap --prompt in the tokenizer's chat template
     host: str = "127.0.0.1"
     port: int = 8000
@@ -437,6 +441,8 @@ class ServeConfig(Validated):
                       "page_size", "a power of two")
         self._require(self.max_context >= self.page_size, "max_context", f">= page_size={self.page_size}")
         self._require(self.prefill_chunk >= 16, "prefill_chunk", ">= 16")
+        self._require(self.num_pages >= 0, "num_pages", ">= 0 (0 = enough for every slot)")
+        self._require(self.max_waiting >= 1, "max_waiting", ">= 1")
 
 
 @dataclass(frozen=True)

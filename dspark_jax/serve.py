@@ -25,7 +25,7 @@ from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 
