@@ -10,6 +10,7 @@ retired while others run; after every test the KV page pool is whole again.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -255,5 +256,32 @@ def test_a_warm_engine_does_not_compile_on_new_traffic(target, dspark, compile_c
     assert metrics("dspark_generation_tokens_total") == 2 + sum(m for _, m in SHAPES) + sum(m for _, m in SHAPES[2:5])
     reached = metrics("dspark_position_reached_total", {"position": "1"})
     assert reached > 0 and metrics("dspark_position_accepted_total", {"position": "1"}) <= reached
+    assert_pool_whole(engine)
+    engine.shutdown(1.0)
+
+
+def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tmp_path, monkeypatch):
+    """Without an SPS table the engine times its own rounds once (cached on disk), serves losslessly,
+    and its warm-up covered every draft and verify budget the scheduler then picks."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    config = EngineConfig(**{**CONFIG.__dict__, "warmup": True})
+    engine = started(Engine(target, dspark, spec=SpecParams(block_size=GAMMA, scheduler="causal"), config=config))
+    results = run_all(engine, [(p, RequestParams(max_tokens=m)) for p, m in REQUESTS])
+    assert [r[0] for r in results] == alone
+    assert len(list((tmp_path / "sps").glob("*.json"))) == 1
+    assert engine.stats()["compiles_after_warmup"] == 0
+    assert_pool_whole(engine)
+    engine.shutdown(1.0)
+
+
+def test_a_request_that_exactly_fills_the_pool_still_runs(target, dspark):
+    """28 prompt tokens + γ=4 verify positions fill two 16-position pages: a pool of two admits it."""
+    engine = started(Engine(target, dspark, spec=SpecParams(block_size=GAMMA),
+                            config=EngineConfig(**{**CONFIG.__dict__, "num_pages": 2})))
+    outputs = []
+    reader = threading.Thread(target=lambda: outputs.extend(engine.submit(list(range(28)), RequestParams(max_tokens=1))))
+    reader.start()
+    reader.join(120)
+    assert outputs and outputs[-1].finish_reason == "length" and len(outputs[-1].token_ids) == 1
     assert_pool_whole(engine)
     engine.shutdown(1.0)

@@ -246,8 +246,12 @@ class Engine:
         if expired:
             for request in list(self._requests.values()):
                 self._abort(request)
-        self._deliver(self.scheduler.step())
+        report = self.scheduler.step()
+        self._deliver(report)
         self._account()
+        if report.idle:  # nothing can move until a request ends or arrives: do not spin
+            with self._cond:
+                self._cond.wait(0.1)
         return True
 
     def _abort(self, request: Request) -> None:

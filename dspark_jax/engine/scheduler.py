@@ -88,6 +88,7 @@ class StepReport:
     finished: list[Request] = dataclasses.field(default_factory=list)
     rounds: list[RoundFact] = dataclasses.field(default_factory=list)
     preempted: list[Request] = dataclasses.field(default_factory=list)
+    idle: bool = False  # nothing was launched or read: waiting requests could not be admitted
 
 
 @dataclasses.dataclass
@@ -201,6 +202,7 @@ class Scheduler:
                 request.inflight += 1
                 request.len_bound += self.width
             pending = self.core.begin_round(slots, table, any(r.params.filters for r in rows), self._capacity)
+        report.idle = self._launched is None and prefill is None and pending is None
         if self._launched is not None:
             self._read(self._launched, report)
             self._launched = None
@@ -215,17 +217,16 @@ class Scheduler:
             request = self.waiting[0]
             if request.inflight:  # preempted with outputs still unread: readmit once its tokens are known
                 break
-            generated = len(request.tokens)
-            target = len(request.prompt) + max(generated - 1, 0)
-            need = pages_for(target + self.width, self.core.geometry.page_size)
+            # Prefill the known tokens but the last generated one (the anchor), then one round.
+            request.target = request.len_bound = len(request.prompt) + max(len(request.tokens) - 1, 0)
+            need = pages_for(max(request.target, self._positions(request)), self.core.geometry.page_size)
             headroom = decoding if self.active else 0
             if need + headroom > self.allocator.free_pages:
                 break
             self.waiting.popleft()
             request.pages = self.allocator.allocate(need)
             request.slot = heapq.heappop(self._free_slots)
-            request.state, request.order = "prefill", next(self._admissions)
-            request.target, request.prefilled = target, 0
+            request.state, request.order, request.prefilled = "prefill", next(self._admissions), 0
             self.active.append(request)
 
     def _prefill(self) -> tuple[list[Request], object]:
@@ -263,7 +264,7 @@ class Scheduler:
                                 anchor=request.tokens[-1] if generated else 0))
             request.prefilled = end
             if completes:
-                request.state, request.len_bound = "decode", request.target
+                request.state = "decode"
                 request.inflight += 1
             completing.append(request if completes else None)
         chunk = pack_chunk(pieces, rows=rows, lane=lane, slots=self.core.slots, scratch_row=self.core.scratch_row)
