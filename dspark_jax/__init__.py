@@ -11,7 +11,7 @@ from dspark_jax.config import Config, load_config
 from dspark_jax.loading import load_draft, load_target, load_tokenizer
 from dspark_jax.models import forward
 from dspark_jax.speculative.decode import GenerateResult, SpecStats
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 

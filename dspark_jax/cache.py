@@ -47,7 +47,11 @@ def bucket(n: int, *, minimum: int = 1, maximum: int | None = None) -> int:
 
 
 class PageAllocator:
-    """Free list of page ids. Page 0.. are handed out lowest first; double frees are errors."""
+    """Free list of page ids 0..num_pages−1 (a stack: the most recently released page is reused first).
+
+    Pages are all one size, so any free page serves any request: nothing fragments. Releasing a
+    page that is not allocated (a double free) is an error.
+    """
 
     def __init__(self, num_pages: int):
         self.num_pages = num_pages
@@ -57,6 +61,10 @@ class PageAllocator:
     @property
     def free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return len(self._used)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):

@@ -425,6 +425,10 @@ class ServeConfig(Validated):
     kernels: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # see dspark_jax.kernels
     # Device mesh sizes (data, tensor, expert) (see dspark_jax.sharding); () = every device on "tensor".
     mesh: tuple[int, ...] = ()
+    num_pages: int = 0  # KV pages shared by all requests; 0 = enough for max_batch × max_context
+    max_waiting: int = 256  # requests waiting for a slot before new ones are refused (HTTP 429)
+    warmup: bool = True  # compile every program shape before serving
+    compilation_cache: bool = True  # keep compiled programs on disk (under the cache folder) across runs
     chat: bool = True  # wrap --prompt in the tokenizer's chat template
     host: str = "127.0.0.1"
     port: int = 8000
@@ -441,6 +445,8 @@ class ServeConfig(Validated):
         self._require(self.prefill_chunk >= 16, "prefill_chunk", ">= 16")
         self._require(self.mesh == () or (len(self.mesh) == 3 and min(self.mesh) >= 1), "mesh",
                       "() or three sizes >= 1 for the axes (data, tensor, expert), e.g. (1, 8, 1)")
+        self._require(self.num_pages >= 0, "num_pages", ">= 0 (0 = enough for every slot)")
+        self._require(self.max_waiting >= 1, "max_waiting", ">= 1")
 
 
 @dataclass(frozen=True)

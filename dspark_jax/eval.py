@@ -31,7 +31,7 @@ from dspark_jax.config import ConfigError, load_config
 from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
 from dspark_jax.speculative.calibrate import apply_sts, expected_calibration_error, survival_labels
 from dspark_jax.speculative.decode import RoundLog
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 

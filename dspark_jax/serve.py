@@ -19,6 +19,7 @@ MPI — is joined first, and every process runs the same command).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -32,10 +33,9 @@ from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
+from dspark_jax.engine import Engine, EngineConfig, RequestParams
 from dspark_jax.sharding import (KV_PAGES, abstract_mesh, bytes_per_device, initialize_distributed, make_mesh,
                                  shard_shape)
-from dspark_jax.speculative.generate import generate
-from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 
 
@@ -88,21 +88,36 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
                                             tokenize=True)
     else:
         ids = tokenizer.encode(prompt)
-    sampling = SamplingParams(temperature=cfg.serve.temperature, top_k=cfg.serve.top_k, top_p=cfg.serve.top_p)
-    res = generate(target, draft, [ids], max_new_tokens=cfg.serve.max_new_tokens, sampling=sampling,
-                   spec=spec_params(cfg, draft) if draft is not None else None, seed=cfg.serve.seed,
-                   page_size=cfg.serve.page_size, prefill_chunk=cfg.serve.prefill_chunk, kernels=cfg.serve.kernels)
-    print(tokenizer.decode(res.tokens[0]), flush=True)
-    new = len(res.tokens[0])
+    serve = cfg.serve
+    params = RequestParams(max_tokens=serve.max_new_tokens, temperature=serve.temperature, top_k=serve.top_k,
+                           top_p=serve.top_p, seed=serve.seed)
+    # One request: an engine of one slot sized to it, compiling only the shapes this request meets.
+    config = dataclasses.replace(EngineConfig.from_serve(serve), max_batch=1, num_pages=0, warmup=False,
+                                 max_context=min(serve.max_context, len(ids) + params.max_tokens))
+    engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
+                    config=config)
+    engine.start()
+    try:
+        new = 0
+        for out in engine.submit(ids, params):
+            print(out.text, end="", flush=True)
+            new += len(out.token_ids)
+    finally:
+        engine.shutdown(drain_timeout=0)
+    print(flush=True)
+    if out.finish_reason == "abort":
+        raise RuntimeError("the engine failed while generating (its log says why)")
+    took = out.stats
+    decode_seconds = took.seconds - took.time_to_first_token
     stats = {
-        "prompt_tokens": len(ids), "new_tokens": new, "seconds": round(res.seconds, 3),
-        "tokens_per_s": round(new / res.seconds, 2),
-        "decode_tokens_per_s": round((new - 1) / res.decode_seconds, 2) if res.decode_seconds > 0 else None,
+        "prompt_tokens": len(ids), "new_tokens": new, "seconds": round(took.seconds, 3),
+        "tokens_per_s": round(new / took.seconds, 2),
+        "decode_tokens_per_s": round((new - 1) / decode_seconds, 2) if decode_seconds > 0 else None,
         "device": jax.devices()[0].device_kind, "draft": cfg.draft.kind,
     }
     if draft is not None:
-        stats.update(acceptance_length=round(res.stats.acceptance_length, 3), rounds=res.stats.rounds,
-                     verified_tokens=res.stats.verified_tokens, scheduler=cfg.spec.scheduler)
+        stats.update(acceptance_length=round(took.acceptance_length or 0.0, 3), rounds=took.rounds,
+                     verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler)
     return stats
 
 

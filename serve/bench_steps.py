@@ -25,13 +25,14 @@ import numpy as np
 from flax import nnx
 
 import dspark_jax as dj
-from dspark_jax.cache import kv_cache_bytes, ragged_layout
+from dspark_jax.cache import kv_cache_bytes, pages_for, ragged_layout
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.speculative.decode import Session, _commit, _round_keys, _spec_round
-from dspark_jax.speculative.sampling import ACCEPT_STREAM, DRAFT_STREAM, SamplingParams, position_keys
+from dspark_jax.speculative.decode import Core, _commit, _gather, _merge, _round_keys
+from dspark_jax.speculative.profile import place_rows
+from dspark_jax.speculative.sampling import ACCEPT_STREAM, DRAFT_STREAM, position_keys
 from dspark_jax.speculative.schedule import SpecParams, schedule_prefix, survival
 from dspark_jax.speculative.verify import verify
 from timing import copy_bandwidth, timed  # serve/timing.py (serve/ is the script's folder)
@@ -43,22 +44,20 @@ def param_bytes(model) -> int:
     return sum(v[...].nbytes for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
-def prompts_of(rows: int, context: int, vocab: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, context).tolist() for _ in range(rows)]
+def core_at(target, draft, rows: int, context: int, gamma: int = 0):
+    """A Core of `rows` slots, each holding a request at `context` positions (room for 256 more)."""
+    max_context = context + 256 + gamma + 1
+    per_row = pages_for(max_context + gamma, 16)
+    core = Core(target, draft, SpecParams(block_size=gamma) if draft is not None else None, slots=rows,
+                max_context=max_context, page_size=16, num_pages=rows * per_row)
+    table = np.arange(rows * per_row, dtype=np.int32).reshape(rows, per_row)
+    return core, place_rows(core, rows, context, table, np.random.default_rng(0)), table
 
 
 def bench_decode(name: str, target, batch: int, context: int, bandwidth: float) -> dict:
     steps = 64
-    session = Session(target, None, prompts_of(batch, context, target.arch.vocab_size),
-                      max_new_tokens=2 * steps, sampling=SamplingParams(), spec=SpecParams(), seed=0,
-                      page_size=16, prefill_chunk=2048)
-
-    def step():
-        session.plain_step()
-        return session.state.lens
-
-    seconds = timed(step, repeats=steps)
+    core, slots, table = core_at(target, None, batch, context)
+    seconds = timed(lambda: core.decode(slots, table, filters=False).count, repeats=steps)
     kv = kv_cache_bytes(target.kv_heads_and_dims(), batch * (context + steps), target.dtype)
     floor = (param_bytes(target) + kv) / bandwidth
     return {"model": name, "batch": batch, "context": context, "step_ms": seconds * 1e3, "floor_ms": floor * 1e3,
@@ -68,33 +67,31 @@ def bench_decode(name: str, target, batch: int, context: int, bandwidth: float) 
 def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
     """Each part of one DSpark round, timed on its own, plus the whole fused round."""
     sps = tuple(1.0 / (1.0 + 1e-3 * b) for b in range(rows * (gamma + 1) + 1))
-    session = Session(target, draft, prompts_of(rows, context, target.arch.vocab_size),
-                      max_new_tokens=256, sampling=SamplingParams(), spec=SpecParams(block_size=gamma, sps=sps),
-                      seed=0, page_size=16, prefill_chunk=2048)
-    state, table = session.state, session.page_table(context + 256 + gamma + 1)
-    graphdefs, params, geometry = session.graphdefs, session.params, session.geometry
-    budget = session.full_budget
+    core, slots, table = core_at(target, draft, rows, context, gamma)
+    state = _gather(core.state, jnp.asarray(slots), False)
+    graphdefs, params, geometry = core.graphdefs, core.params, core.geometry
+    budget = rows * (gamma + 1)
 
     @jax.jit
     def backbone(params, dstate, state):
-        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
+        target, draft = _merge(graphdefs, params)
         hidden = draft.backbone(target, dstate, state.anchors, state.lens, table, gamma)
         return hidden, target.logits(hidden)
 
     @jax.jit
     def markov(params, hidden, base, state):
-        _, draft = (g.merge(p) for g, p in zip(graphdefs, params))
-        keys = _round_keys(session.keys, state.rounds, DRAFT_STREAM, gamma)
-        return draft.sample_block(hidden, base, state.anchors, session.sampling, keys)
+        _, draft = _merge(graphdefs, params)
+        keys = _round_keys(state.keys, state.rounds, DRAFT_STREAM, gamma)
+        return draft.sample_block(hidden, base, state.anchors, state.sampling, keys)
 
     @jax.jit
     def schedule(params, conf_logits):
-        _, draft = (g.merge(p) for g, p in zip(graphdefs, params))
+        _, draft = _merge(graphdefs, params)
         return schedule_prefix(survival(draft.calibrated_confidence(conf_logits)), jnp.asarray(sps))
 
     @functools.partial(jax.jit, donate_argnums=(1,))
     def verify_pass(params, caches, state, tokens, probs, lengths):
-        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
+        target, draft = _merge(graphdefs, params)
         layout = ragged_layout(table, state.lens, lengths + 1, num_tokens=budget, max_q_len=gamma + 1,
                                page_size=geometry.page_size, num_slots=geometry.num_slots)
         block = jnp.concatenate([state.anchors[:, None], tokens], axis=1)
@@ -104,56 +101,49 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
         logits = target.logits(hidden)
         grid = jnp.clip(layout.meta.cu_q_lens[:-1, None] + jnp.arange(gamma + 1)[None, :], 0, budget - 1)
         accepted, nxt = verify(logits[grid], tokens, probs, lengths,
-                               position_keys(session.keys, state.rounds, ACCEPT_STREAM), session.sampling)
+                               position_keys(state.keys, state.rounds, ACCEPT_STREAM), state.sampling)
         features = jnp.concatenate([captured[i] for i in draft.capture_layers], axis=-1)
         return accepted, nxt, features, attn.caches
 
     @functools.partial(jax.jit, donate_argnums=(1,))
-    def commit(params, dstate, state, counters, tokens, accepted, nxt, lengths, features):
-        target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
+    def commit(params, dstate, state, history, tokens, accepted, nxt, features):
+        target, draft = _merge(graphdefs, params)
         padded = jnp.concatenate([tokens, jnp.zeros_like(tokens[:, :1])], axis=1)
         candidates = jnp.where(jnp.arange(gamma + 1)[None, :] == accepted[:, None], nxt[:, None], padded)
-        new_state, new_counters, _ = _commit(state, counters, candidates, accepted, lengths, session.eos_ids,
-                                             session.max_new)
+        new_state, _, _ = _commit(state, history, candidates, accepted)
         layout = ragged_layout(table, state.lens, accepted + 1, num_tokens=budget, max_q_len=gamma + 1,
                                page_size=geometry.page_size, num_slots=geometry.num_slots)
         source = jnp.clip(layout.meta.cu_q_lens[layout.token_req] + layout.token_slot, 0, budget - 1)
         dstate = draft.ingest(target, dstate, features[source], candidates[layout.token_req, layout.token_slot],
-                              layout, jnp.arange(tokens.shape[0]))
-        return new_state, new_counters, dstate
+                              layout, state.slots)
+        return new_state, dstate
 
-    hidden, base = backbone(params, session.dstate, state)
+    hidden, base = backbone(params, core.dstate, state)
     tokens, probs, conf = markov(params, hidden, base, state)
-    lengths = jnp.full((session.reqs.rows,), gamma, jnp.int32)
+    lengths = jnp.full((rows,), gamma, jnp.int32)
     parts = {
-        "draft_backbone": timed(lambda: backbone(params, session.dstate, state)),
+        "draft_backbone": timed(lambda: backbone(params, core.dstate, state)),
         "markov_loop": timed(lambda: markov(params, hidden, base, state)),
         "schedule": timed(lambda: schedule(params, conf)),
     }
-    holder = {"caches": session.caches, "dstate": session.dstate}
 
     def run_verify():
-        out = verify_pass(params, holder["caches"], state, tokens, probs, lengths)
-        holder["caches"] = out[-1]
+        out = verify_pass(params, core.caches, state, tokens, probs, lengths)
+        core.caches = out[-1]
         return out[0]
 
     parts["verify"] = timed(run_verify)
-    accepted, nxt, features, holder["caches"] = verify_pass(params, holder["caches"], state, tokens, probs, lengths)
+    accepted, nxt, features, core.caches = verify_pass(params, core.caches, state, tokens, probs, lengths)
 
     def run_commit():
-        out = commit(params, holder["dstate"], state, session.counters, tokens, accepted, nxt, lengths, features)
-        holder["dstate"] = out[-1]
-        return out[0].lens
+        new_state, core.dstate = commit(params, core.dstate, state, core.state.history, tokens, accepted, nxt,
+                                        features)
+        return new_state.lens
 
     parts["commit"] = timed(run_commit)
-    session.caches, session.dstate = holder["caches"], holder["dstate"]
 
     def run_round():
-        (session.state, session.counters, session.caches, session.dstate, _, _) = _spec_round(
-            graphdefs, params, session.caches, session.dstate, session.state, session.counters, table,
-            session.sampling, session.keys, session.eos_ids, session.max_new, session.sps, jnp.int32(0),
-            shape=session.shape, budget=budget)
-        return session.state.lens
+        return core.fused_round(slots, table, False, capacity=rows * gamma, budget=budget).count
 
     whole = timed(run_round)
     total_parts = sum(parts.values())

@@ -12,7 +12,7 @@ from dspark_jax.cache import init_kv_caches, ragged_layout
 from dspark_jax.config import LlamaArch
 from dspark_jax.models import create_target, forward
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 ARCH = LlamaArch(vocab_size=211, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=6,

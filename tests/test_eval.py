@@ -14,7 +14,7 @@ from dspark_jax.drafts import create_draft
 from dspark_jax.eval import auroc, calibration, reliability_plot, summarize
 from dspark_jax.models import create_target
 from dspark_jax.speculative.decode import RoundLog
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 

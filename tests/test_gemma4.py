@@ -13,7 +13,7 @@ from dspark_jax.checkpoint.hf import (TensorSource, arch_from_hf_config, arch_to
                                       save_hf_target)
 from dspark_jax.config import ConfigError, Gemma4Arch
 from dspark_jax.models import create_target, forward
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 from conftest import randomize_params
 

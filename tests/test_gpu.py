@@ -16,7 +16,7 @@ from conftest import randomize_params
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.schedule import SpecParams
 
 pytestmark = pytest.mark.gpu

@@ -13,7 +13,7 @@ from conftest import randomize_params
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.schedule import SpecParams
 
 # hidden 128: the norm kernel's lane width; head_dim 64: the attention kernel's smallest.

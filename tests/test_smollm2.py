@@ -9,7 +9,7 @@ import pytest
 
 from dspark_jax.checkpoint.hf import load_hf_target
 from dspark_jax.models import forward
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]

@@ -24,7 +24,7 @@ from dspark_jax.drafts import create_draft
 from dspark_jax.loading import load_draft
 from dspark_jax.drafts.base import CacheGeometry, ProposeInputs
 from dspark_jax.models import create_target, forward
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 

@@ -6,8 +6,12 @@ jitted round calls:
 - `init_state(...)`: its per-request device state (context caches etc.);
 - `ingest(target, state, features, next_tokens, layout, rows)`: absorb committed positions — after
   the prefill and after every verification (`next_tokens[t]` is the committed token at position
-  t+1; `rows[i]` is the batch row of the layout's row i, out of range for padding);
+  t+1; `rows[i]` is the state row of the layout's row i, out of range for padding);
 - `propose(target, state, inputs)`: draft γ tokens → (Proposal, state).
+
+State rows are the engine's request slots; a round may run any subset of them (`ProposeInputs.rows`).
+A slot is reused by later requests: whatever per-row state a drafter keeps must be rebuilt by the
+prefill's ingest (every request ingests at least one position before its first proposal).
 """
 
 from __future__ import annotations
@@ -53,3 +57,4 @@ class ProposeInputs:
     keys: jax.Array  # [R, γ] keys for drawing x_1..x_γ
     gamma: int = dataclasses.field(metadata=dict(static=True))
     geometry: CacheGeometry = dataclasses.field(metadata=dict(static=True))
+    rows: jax.Array | None = None  # [R] int32 row of the drafter's state each request uses (None: 0..R-1)

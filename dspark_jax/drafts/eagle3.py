@@ -85,7 +85,9 @@ class Eagle3Draft(nnx.Module):
 
     def propose(self, target, state: Eagle3State, inputs: ProposeInputs):
         rows = inputs.anchors.shape[0]
-        hidden, caches = state.last_hidden, state.caches
+        hidden = state.last_hidden if inputs.rows is None else jnp.take(state.last_hidden, inputs.rows, axis=0,
+                                                                          mode="clip")
+        caches = state.caches
         tokens, probs = [], []
         for k in range(inputs.gamma):
             q = warp_probs(target.logits(self.norm(hidden)), inputs.sampling)

@@ -1,18 +1,28 @@
-"""Batched generation: chunked prefill, then plain decode steps or speculative rounds.
+"""The device side of decoding: S request slots and the jitted programs that advance them.
 
-Every hot path is a `jax.jit` function of (graphs, params, caches, state, ...) that donates the
-caches. Shapes come in buckets (rows, tokens, pages), so a generation compiles a handful of
-programs and then replays them. A speculative round is one program — draft, schedule, verify
-the flattened ragged batch through the target, commit — except for the schedulers whose token
-budget depends on this round's confidences (threshold, causal): those split after scheduling so
-the host can pick the budget bucket.
+`Core` holds what lives on the device for S slots: the target's paged KV cache, the draft's
+state, and `SlotState` (per slot: the anchor token, the cache length, counters, sampling
+parameters, stop ids and the token history). Its programs work on any subset of the slots: the
+caller passes the slot ids of this step's rows ([R] int32, R a power of two; padding rows hold an
+id ≥ S) and their page-table rows ([R, pages_per_row]); a program gathers those slots, advances
+them and scatters them back. So a program's row count follows the requests that run, not S, and
+which requests run, where their pages are and when they come and go is the caller's business
+(dspark_jax.engine). The programs:
+- prefill: a packed chunk of prompt pieces (admitting the slots whose piece starts a prompt,
+  sampling the first token of those whose piece ends it), the target pass, the draft's ingest;
+- decode: one token per row (no draft);
+- round: a whole speculative round (draft, schedule, verify, commit) for the fixed and async
+  schedulers, whose verify budget is known before launch;
+- draft + verify: the round split after scheduling, for threshold and causal, whose budget the
+  host picks from the scheduled token total.
+Every program donates the caches and the slot state. Shapes come in power-of-two buckets of
+rows, tokens and verify budgets; the page-table width is fixed per Core.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +33,17 @@ from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
 from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models import split_static
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays, SamplingParams,
-                                      position_keys, request_keys, sample)
+from dspark_jax.sharding import model_mesh
+from dspark_jax.speculative.compiles import CompileLog
+from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays,
+                                             position_keys, sample)
 from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacity, schedule_prefix, survival,
-                                      threshold_lengths)
+                                             threshold_lengths)
 from dspark_jax.speculative.verify import verify
+
+STOP_SLOTS = 16  # token ids per request that end it (its EOS ids included)
+MIN_LANE = 16  # shortest prompt piece slot of a prefill chunk
+MIN_BUDGET = 16  # smallest verify-token bucket above one row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,300 +74,356 @@ class GenerateResult:
     tokens: list[list[int]]  # generated tokens per prompt (prompt excluded, EOS included)
     stats: SpecStats
     seconds: float  # wall time of the whole call, compilation included
-    decode_seconds: float  # wall time after the first generated token
+    decode_seconds: float  # wall time after every prompt has its first generated token
     rounds: RoundLog | None = None  # per request-round records (generate(record_rounds=True))
 
 
 # --------------------------------------------------------------------------------------------
-# request layout
+# per-slot state
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class _Requests:
-    """Host-side layout of one generate() call: R prompts padded to a bucket of rows."""
+class SlotState:
+    """Per-slot decoding state on device. The anchor is the last committed token, not yet in the cache."""
 
-    prompts: list[list[int]]
-    rows: int
-    geometry: CacheGeometry
-    page_table: np.ndarray  # [rows, pages_per_row]; padding rows hold only the scratch page
-    width: int  # history buffer length: longest prompt + budget + a draft block
+    anchors: jax.Array  # [S] int32
+    lens: jax.Array  # [S] int32 target cache length = the anchor's position
+    generated: jax.Array  # [S] int32 tokens produced so far (the anchor included)
+    max_new: jax.Array  # [S] int32 the request's token budget
+    done: jax.Array  # [S] bool stop token or budget reached (or a slot never filled)
+    rounds: jax.Array  # [S] int32 speculative rounds run (keys the round's random draws)
+    keys: jax.Array  # [S, k] uint32 key data of the request's random stream
+    temperature: jax.Array  # [S] fp32
+    top_k: jax.Array  # [S] int32
+    top_p: jax.Array  # [S] fp32
+    stop_ids: jax.Array  # [S, STOP_SLOTS] int32 token ids that end the request (-1: none)
+    history: jax.Array  # [S, W] int32 prompt + generated tokens (the anchor at index lens)
 
-    @property
-    def page_size(self) -> int:
-        return self.geometry.page_size
-
-
-def _validate(model, prompts, max_new_tokens: int, margin: int):
-    if not prompts:
-        raise ValueError("prompts: expected at least one prompt")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
-    vocab = model.arch.vocab_size
-    limit = model.arch.max_position_embeddings
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
-        bad = [t for t in p if not 0 <= int(t) < vocab]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-        if len(p) + max_new_tokens + margin > limit:
-            raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
-                             f"exceeds the model's context of {limit} positions")
+    @staticmethod
+    def empty(slots: int, width: int) -> "SlotState":
+        def z():  # a buffer of its own: every field is donated separately
+            return jnp.zeros((slots,), jnp.int32)
+        key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+        return SlotState(anchors=z(), lens=z(), generated=z(), max_new=z(), done=jnp.ones((slots,), bool),
+                         rounds=z(), keys=jnp.zeros((slots, *key_shape), jnp.uint32),
+                         temperature=jnp.zeros((slots,), jnp.float32), top_k=z(), top_p=jnp.ones((slots,), jnp.float32),
+                         stop_ids=jnp.full((slots, STOP_SLOTS), -1, jnp.int32),
+                         history=jnp.zeros((slots, width), jnp.int32))
 
 
-def _layout_requests(prompts, max_new_tokens: int, margin: int, page_size: int) -> _Requests:
-    rows = bucket(len(prompts))
-    longest = max(len(p) for p in prompts) + max_new_tokens + margin
-    per_row = bucket(pages_for(longest, page_size))
-    scratch = len(prompts) * per_row  # one shared page that padding rows write into
-    table = np.full((rows, per_row), scratch, np.int32)
-    for r in range(len(prompts)):
-        table[r] = np.arange(r * per_row, (r + 1) * per_row)
-    return _Requests(prompts=[list(map(int, p)) for p in prompts], rows=rows,
-                     geometry=CacheGeometry(page_size=page_size, num_pages=scratch + 1), page_table=table,
-                     width=bucket(longest + 1, minimum=16))
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """The slots one program advances, gathered: row i is slot `slots[i]` (≥ S: padding, done)."""
+
+    slots: jax.Array  # [R] int32
+    anchors: jax.Array  # [R] int32
+    lens: jax.Array  # [R] int32
+    generated: jax.Array  # [R] int32
+    max_new: jax.Array  # [R] int32
+    done: jax.Array  # [R] bool
+    rounds: jax.Array  # [R] int32
+    keys: jax.Array  # [R] typed PRNG keys
+    sampling: SamplingArrays
+    stop_ids: jax.Array  # [R, STOP_SLOTS] int32
+
+
+def _gather(state: SlotState, slots, filters: bool) -> Rows:
+    num = state.anchors.shape[0]
+    at = jnp.minimum(slots, num - 1)
+    return Rows(slots=slots, anchors=state.anchors[at], lens=state.lens[at], generated=state.generated[at],
+                max_new=state.max_new[at], done=state.done[at] | (slots >= num), rounds=state.rounds[at],
+                keys=jax.random.wrap_key_data(state.keys[at]),
+                sampling=SamplingArrays(state.temperature[at], state.top_k[at], state.top_p[at], filters),
+                stop_ids=state.stop_ids[at])
+
+
+def _scatter(state: SlotState, rows: Rows) -> SlotState:
+    """Write the rows' progress back to their slots (padding rows are dropped)."""
+    def put(full, part):
+        return full.at[rows.slots].set(part, mode="drop")
+    return dataclasses.replace(state, anchors=put(state.anchors, rows.anchors), lens=put(state.lens, rows.lens),
+                               generated=put(state.generated, rows.generated), done=put(state.done, rows.done),
+                               rounds=put(state.rounds, rows.rounds))
+
+
+def _is_stop(tokens, stop_ids):
+    """tokens [R, ...] against each row's stop ids [R, K] → bool [R, ...]."""
+    stop = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
+    return jnp.any(tokens[..., None] == stop, axis=-1)
+
+
+def _commit(rows: Rows, history, candidates, num_accepted):
+    """Append each live row's committed tokens (accepted drafts + the next token, cut at a stop token/the budget).
+
+    candidates [R, w]: x_1..x_n followed by the next token at index n. Returns (rows, history, count).
+    """
+    width = candidates.shape[1]
+    live = ~rows.done
+    slot = jnp.arange(width)[None, :]
+    is_stop = _is_stop(candidates, rows.stop_ids) & (slot <= num_accepted[:, None])
+    first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1), width)
+    count = jnp.minimum(jnp.minimum(num_accepted + 1, first_stop + 1), rows.max_new - rows.generated)
+    count = jnp.where(live, count, 0).astype(jnp.int32)
+    write_at = jnp.where(slot < count[:, None], rows.lens[:, None] + 1 + slot, history.shape[1])
+    history = history.at[rows.slots[:, None], write_at].set(candidates, mode="drop")
+    finished = (first_stop < count) | (rows.generated + count >= rows.max_new)
+    last = jnp.take_along_axis(candidates, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0]
+    rows = dataclasses.replace(rows, anchors=jnp.where(count > 0, last, rows.anchors), lens=rows.lens + count,
+                               generated=rows.generated + count, done=rows.done | (live & finished),
+                               rounds=rows.rounds + live)
+    return rows, history, count
+
+
+def _round_keys(keys, rounds, stream: int, width: int):
+    """[R, width] keys for this round's draws; (request, round, stream, slot) never repeats."""
+    per_round = position_keys(keys, rounds, stream)
+    return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(width)))(per_round)
+
+
+def _merge(graphdefs, params):
+    target_graph, draft_graph = graphdefs
+    return target_graph.merge(params[0]), None if draft_graph is None else draft_graph.merge(params[1])
+
+
+def _target_pass(target, caches, tokens, layout, capture):
+    """The target over a flat token batch on its paged cache: (hidden, captured features, caches)."""
+    attn = PagedKV(caches, layout.meta)
+    hidden, captured = target(tokens, layout.positions, attn, capture=capture)
+    features = jnp.concatenate([captured[i] for i in capture], axis=-1) if capture else None
+    return hidden, features, attn.caches
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RoundOutputs:
+    """What one decode step or speculative round did per row (read by the host after the step)."""
+
+    tokens: jax.Array  # [R, w] int32 committed tokens first (count of them)
+    count: jax.Array  # [R] int32 tokens committed
+    done: jax.Array  # [R] bool finished after this round
+    live: jax.Array  # [R] bool took part (not finished before it)
+    lengths: jax.Array  # [R] int32 draft tokens verified
+    accepted: jax.Array  # [R] int32 draft tokens accepted
+    confidence_logits: jax.Array | None  # [R, γ] fp32
+    next_capacity: jax.Array  # int32: async scheduler's capacity for a later round
 
 
 # --------------------------------------------------------------------------------------------
 # prefill
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_q_len", "geometry", "capture", "backend"),
-                   donate_argnames=("caches",))
-def _prefill_step(graphdef, params, caches, tokens, page_table, start, q_lens, *, max_q_len, geometry, capture,
-                  backend):
-    """Run one packed chunk of prompts; logits at each row's last chunk token, captured features."""
-    with ops.use(backend):
-        return _prefill_body(graphdef, params, caches, tokens, page_table, start, q_lens, max_q_len, geometry,
-                             capture)
-
-
-def _prefill_body(graphdef, params, caches, tokens, page_table, start, q_lens, max_q_len, geometry, capture):
-    model = graphdef.merge(params)
-    layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
-                           page_size=geometry.page_size, num_slots=geometry.num_slots)
-    attn = PagedKV(caches, layout.meta)
-    hidden, captured = model(tokens, layout.positions, attn, capture=capture)
-    last = jnp.maximum(layout.meta.cu_q_lens[1:] - 1, 0)
-    features = jnp.concatenate([captured[i] for i in capture], axis=-1) if capture else None
-    return model.logits(hidden[last]), attn.caches, features
-
-
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class _Chunk:
-    """One prefill chunk, kept so the draft can ingest it once the first token is known."""
+class PrefillChunk:
+    """R prompt pieces flattened into T tokens (built on the host by `pack_chunk`).
 
-    tokens: np.ndarray  # [T] flat prompt tokens
-    rows: np.ndarray  # [n] batch row of each chunk row (padding: the out-of-range row `reqs.rows`)
-    start: np.ndarray  # [n] cache position of each chunk row's first token
-    q_lens: np.ndarray  # [n]
-    features: jax.Array | None  # [T, n·H] target features for the draft
-
-
-def _prefill(graphdef, params, caches, reqs: _Requests, chunk: int, capture: tuple[int, ...], backend: str):
-    """Chunked prefill of every prompt, packed `chunk` tokens at a time.
-
-    Each call holds only the rows with tokens in it (padded to a bucket), so attention never
-    spans idle rows. Returns (caches, {row: logits at its last prompt token}, chunks).
+    A piece is tokens start..start+q_len of its request's known tokens. The first piece of a
+    request admits its slot; the last one sets the slot's anchor: sampled from the target when
+    the request has generated nothing yet, else (a preempted request, recomputed) its last token.
     """
-    done = [0] * len(reqs.prompts)
-    last_logits, chunks = {}, []
-    while any(d < len(p) for d, p in zip(done, reqs.prompts)):
-        pieces, budget = {}, chunk
-        for r, p in enumerate(reqs.prompts):
-            take = min(len(p) - done[r], budget)
-            if take > 0:
-                pieces[r] = p[done[r]:done[r] + take]
-                budget -= take
-        n = bucket(len(pieces))
-        rows = np.full(n, reqs.rows, np.int32)
-        rows[:len(pieces)] = list(pieces)
-        start = np.zeros(n, np.int32)
-        start[:len(pieces)] = [done[r] for r in pieces]
-        q_lens = np.zeros(n, np.int32)
-        q_lens[:len(pieces)] = [len(x) for x in pieces.values()]
-        flat = np.concatenate(list(pieces.values()))
-        tokens = np.zeros(bucket(len(flat), minimum=16), np.int32)
-        tokens[:len(flat)] = flat
-        pages = bucket(pages_for(int((start + q_lens).max()), reqs.page_size), maximum=reqs.page_table.shape[1])
-        scratch_row = np.full((1, reqs.page_table.shape[1]), reqs.geometry.num_pages - 1, np.int32)
-        table = np.concatenate([reqs.page_table, scratch_row])[np.minimum(rows, reqs.rows)]
-        logits, caches, features = _prefill_step(
-            graphdef, params, caches, jnp.asarray(tokens), jnp.asarray(table[:, :pages]), jnp.asarray(start),
-            jnp.asarray(q_lens), max_q_len=bucket(int(q_lens.max())), geometry=reqs.geometry, capture=capture,
-            backend=backend)
-        chunks.append(_Chunk(tokens, rows, start, q_lens, features))
-        for i, r in enumerate(pieces):
-            done[r] += len(pieces[r])
-            if done[r] == len(reqs.prompts[r]):
-                last_logits[r] = logits[i]
-    return caches, last_logits, chunks
 
-
-@functools.partial(jax.jit, static_argnames=("graphdefs", "max_q_len", "geometry", "backend"),
-                   donate_argnames=("dstate",))
-def _draft_ingest_prefill(graphdefs, params, dstate, features, tokens, boundary_tokens, page_table, rows, start,
-                          q_lens, *, max_q_len, geometry, backend):
-    """Let the draft absorb one prefill chunk.
-
-    The token after each chunk row's last position is `boundary_tokens[i]`: the next prompt
-    token, or the first generated token when the prompt ends in this chunk.
-    """
-    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
-    layout = ragged_layout(page_table, start, q_lens, num_tokens=tokens.shape[0], max_q_len=max_q_len,
-                           page_size=geometry.page_size, num_slots=geometry.num_slots)
-    following = jnp.concatenate([tokens[1:], tokens[:1]])
-    is_last = layout.token_slot == q_lens[layout.token_req] - 1
-    next_tokens = jnp.where(is_last, boundary_tokens[layout.token_req], following)
-    with ops.use(backend):
-        return draft.ingest(target, dstate, features, next_tokens, layout, rows)
-
-
-def _chunk_tables(reqs: _Requests, chunk: _Chunk, first_tokens: np.ndarray):
-    """(page table rows, boundary tokens) of a chunk's rows, for the draft's prefill ingest."""
-    scratch_row = np.full((1, reqs.page_table.shape[1]), reqs.geometry.num_pages - 1, np.int32)
-    table = np.concatenate([reqs.page_table, scratch_row])[np.minimum(chunk.rows, reqs.rows)]
-    boundary = np.zeros(len(chunk.rows), np.int32)
-    for i, r in enumerate(chunk.rows):
-        if r < reqs.rows and r < len(reqs.prompts):
-            end = int(chunk.start[i] + chunk.q_lens[i])
-            prompt = reqs.prompts[r]
-            boundary[i] = prompt[end] if end < len(prompt) else first_tokens[r]
-    return table, boundary
-
-
-# --------------------------------------------------------------------------------------------
-# decode state
+    tokens: jax.Array  # [T] int32
+    slots: jax.Array  # [R] int32 (≥ S: padding)
+    start: jax.Array  # [R] int32 position of the piece's first token
+    q_lens: jax.Array  # [R] int32
+    page_table: jax.Array  # [R, P] int32
+    next_tokens: jax.Array  # [R] int32 the known token after the piece (the draft ingests it)
+    admit: jax.Array  # [R] bool the piece starts its request: (re)initialise the slot
+    seeds: jax.Array  # [R] uint32 (admit) the request's seed ...
+    streams: jax.Array  # [R] uint32 ... and stream: its key is fold_in(key(seed), stream)
+    temperature: jax.Array  # [R] fp32 (admit)
+    top_k: jax.Array  # [R] int32 (admit)
+    top_p: jax.Array  # [R] fp32 (admit)
+    max_new: jax.Array  # [R] int32 (admit)
+    stop_ids: jax.Array  # [R, STOP_SLOTS] int32 (admit)
+    rounds: jax.Array  # [R] int32 (admit) rounds already run (a recomputed request keeps its count)
+    completes: jax.Array  # [R] bool the piece ends its request's prefill
+    generated: jax.Array  # [R] int32 (completes) tokens generated before; 0: sample the first one here
+    anchors: jax.Array  # [R] int32 (completes, generated > 0) the request's last generated token
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class DecodeState:
-    """Per-row state on device. `anchors` is the last committed token, not yet in the target cache."""
-
-    anchors: jax.Array  # [R] int32
-    lens: jax.Array  # [R] int32 target cache length = position of the anchor
-    generated: jax.Array  # [R] int32 tokens produced so far (including the anchor)
-    done: jax.Array  # [R] bool (EOS, budget reached, or a padding row)
-    rounds: jax.Array  # [R] int32 rounds this request has run (keys its random draws)
-    history: jax.Array  # [R, L] int32 prompt + generated tokens
+class PrefillOutputs:
+    anchors: jax.Array  # [R] int32 anchor of each completing piece (the first token when sampled here)
+    done: jax.Array  # [R] bool the request is finished already (a stop token first, or a budget of 1)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SpecCounters:
-    """Running totals for SpecStats, accumulated on device."""
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One request's share of a prefill chunk (host side)."""
 
-    rounds: jax.Array  # request-rounds
-    committed: jax.Array
-    verified: jax.Array
-    reached: jax.Array  # [γ] rounds that verified position k with all earlier drafts accepted
-    accepted: jax.Array  # [γ] rounds that accepted position k
-
-    @staticmethod
-    def zeros(gamma: int) -> "SpecCounters":
-        z = jnp.zeros((), jnp.int32)
-        return SpecCounters(z, z, z, jnp.zeros((gamma,), jnp.int32), jnp.zeros((gamma,), jnp.int32))
+    slot: int
+    tokens: list[int]  # the piece's tokens
+    start: int
+    page_row: np.ndarray  # [pages_per_row] int32
+    next_token: int  # the known token after the piece (0 when the piece completes a fresh prompt)
+    admission: dict | None  # the slot's request fields when the piece starts its request (see PrefillChunk)
+    completes: bool
+    generated: int = 0
+    anchor: int = 0
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class RoundRecord:
-    """What one speculative round did per row; left on device unless the caller records rounds."""
+def pack_chunk(pieces: list[Piece], *, rows: int, lane: int, slots: int, scratch_row: np.ndarray) -> PrefillChunk:
+    """The PrefillChunk of `pieces` padded to `rows` rows of `lane` tokens (T = rows × lane)."""
+    n = len(pieces)
+    flat = np.zeros(rows * lane, np.int32)
+    offset = 0
+    for p in pieces:
+        flat[offset:offset + len(p.tokens)] = p.tokens
+        offset += len(p.tokens)
 
-    live: jax.Array  # [R] bool, the row took part
-    lengths: jax.Array  # [R] int32
-    accepted: jax.Array  # [R] int32
-    committed: jax.Array  # [R] int32
-    confidence_logits: jax.Array | None  # [R, γ] fp32
+    def column(get, dtype, pad=0):
+        out = np.full(rows, pad, dtype)
+        out[:n] = [get(p) for p in pieces]
+        return out
 
+    admitted = [p.admission or {} for p in pieces]
+    stop_ids = np.full((rows, STOP_SLOTS), -1, np.int32)
+    for i, a in enumerate(admitted):
+        ids = a.get("stop_ids", ())
+        stop_ids[i, :len(ids)] = ids
+    table = np.tile(scratch_row, (rows, 1))
+    for i, p in enumerate(pieces):
+        table[i] = p.page_row
 
-def _commit(state: DecodeState, counters: SpecCounters, candidates, num_accepted, lengths, eos_ids, max_new):
-    """Append each live row's committed tokens (accepted drafts + the next token, cut at EOS/budget).
+    def admitted_column(name, dtype, default):
+        out = np.full(rows, default, dtype)
+        out[:n] = [a.get(name, default) for a in admitted]
+        return out
 
-    candidates [R, γ+1]: x_1..x_n followed by the next token at index n.
-    """
-    width = candidates.shape[1]
-    live = ~state.done
-    slot = jnp.arange(width)[None, :]
-    is_eos = jnp.isin(candidates, eos_ids) & (slot <= num_accepted[:, None])
-    first_eos = jnp.where(jnp.any(is_eos, 1), jnp.argmax(is_eos, 1), width)
-    count = jnp.minimum(jnp.minimum(num_accepted + 1, first_eos + 1), max_new - state.generated)
-    count = jnp.where(live, count, 0).astype(jnp.int32)
-    write_at = jnp.where(slot < count[:, None], state.lens[:, None] + 1 + slot, state.history.shape[1])
-    history = state.history.at[jnp.arange(state.anchors.shape[0])[:, None], write_at].set(candidates, mode="drop")
-    finished = (first_eos < count) | (state.generated + count >= max_new)
-    last = jnp.take_along_axis(candidates, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0]
-    new_state = DecodeState(
-        anchors=jnp.where(count > 0, last, state.anchors), lens=state.lens + count,
-        generated=state.generated + count, done=state.done | (live & finished), rounds=state.rounds + live,
-        history=history)
-    gamma = counters.reached.shape[0]
-    position = jnp.arange(gamma)[None, :]
-    reached = live[:, None] & (lengths[:, None] > position) & (num_accepted[:, None] >= position)
-    accepted = live[:, None] & (num_accepted[:, None] > position)
-    new_counters = SpecCounters(
-        rounds=counters.rounds + jnp.sum(live), committed=counters.committed + jnp.sum(count),
-        verified=counters.verified + jnp.sum(jnp.where(live, lengths + 1, 0)),
-        reached=counters.reached + jnp.sum(reached, 0), accepted=counters.accepted + jnp.sum(accepted, 0))
-    return new_state, new_counters, count
+    return PrefillChunk(
+        tokens=flat, slots=column(lambda p: p.slot, np.int32, slots), start=column(lambda p: p.start, np.int32),
+        q_lens=column(lambda p: len(p.tokens), np.int32), page_table=table,
+        next_tokens=column(lambda p: p.next_token, np.int32), admit=column(lambda p: p.admission is not None, bool),
+        seeds=admitted_column("seed", np.uint32, 0), streams=admitted_column("stream", np.uint32, 0),
+        temperature=admitted_column("temperature", np.float32, 0.0), top_k=admitted_column("top_k", np.int32, 0),
+        top_p=admitted_column("top_p", np.float32, 1.0), max_new=admitted_column("max_new", np.int32, 0),
+        stop_ids=stop_ids, rounds=admitted_column("rounds", np.int32, 0),
+        completes=column(lambda p: p.completes, bool), generated=column(lambda p: p.generated, np.int32),
+        anchors=column(lambda p: p.anchor, np.int32))
 
 
-def _round_keys(req_keys, rounds, stream: int, width: int):
-    """[R, width] keys for this round's draws; (request, round, stream, slot) never repeats."""
-    per_round = position_keys(req_keys, rounds, stream)
-    return jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(width)))(per_round)
+def _admit(state: SlotState, chunk: PrefillChunk) -> SlotState:
+    num = state.anchors.shape[0]
+    into = jnp.where(chunk.admit, chunk.slots, num)
+
+    def put(full, value):
+        return full.at[into].set(value, mode="drop")
+
+    keys = jax.vmap(lambda s, i: jax.random.key_data(jax.random.fold_in(jax.random.key(s), i)))(chunk.seeds,
+                                                                                                 chunk.streams)
+    return dataclasses.replace(
+        state, keys=put(state.keys, keys), temperature=put(state.temperature, chunk.temperature),
+        top_k=put(state.top_k, chunk.top_k), top_p=put(state.top_p, chunk.top_p),
+        max_new=put(state.max_new, chunk.max_new), stop_ids=put(state.stop_ids, chunk.stop_ids),
+        rounds=put(state.rounds, chunk.rounds), done=put(state.done, jnp.ones_like(chunk.admit)),
+        history=put(state.history, jnp.zeros((chunk.slots.shape[0], state.history.shape[1]), jnp.int32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrefillShape:
+    lane: int  # max tokens of one piece
+    geometry: CacheGeometry
+    capture: tuple[int, ...]
+    backend: str
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches", "dstate"))
+def _prefill_program(graphdefs, params, state: SlotState, caches, dstate, chunk: PrefillChunk, *,
+                     shape: _PrefillShape):
+    with ops.use(shape.backend):
+        target, draft = _merge(graphdefs, params)
+        num = state.anchors.shape[0]
+        state = _admit(state, chunk)
+        geometry = shape.geometry
+        layout = ragged_layout(chunk.page_table, chunk.start, chunk.q_lens, num_tokens=chunk.tokens.shape[0],
+                               max_q_len=shape.lane, page_size=geometry.page_size, num_slots=geometry.num_slots)
+        token_slots = jnp.where(layout.valid, chunk.slots[layout.token_req], num)
+        history = state.history.at[token_slots, layout.positions].set(chunk.tokens, mode="drop")
+        hidden, features, caches = _target_pass(target, caches, chunk.tokens, layout, shape.capture)
+
+        # Pieces that end a prompt: sample its first token (or restore a recomputed request's anchor).
+        at = jnp.minimum(chunk.slots, num - 1)
+        logits = target.logits(hidden[jnp.maximum(layout.meta.cu_q_lens[1:] - 1, 0)])
+        # filters on: sorting R rows of logits costs nothing next to a prefill pass, and one program serves all
+        sampling = SamplingArrays(state.temperature[at], state.top_k[at], state.top_p[at], filters=True)
+        end = chunk.start + chunk.q_lens
+        keys = position_keys(jax.random.wrap_key_data(state.keys[at]), end, TARGET_STREAM)
+        fresh = chunk.generated == 0
+        anchors = jnp.where(fresh, sample(logits, sampling, keys), chunk.anchors)
+        generated = chunk.generated + fresh
+        done = (fresh & _is_stop(anchors, state.stop_ids[at])) | (generated >= state.max_new[at])
+        into = jnp.where(chunk.completes, chunk.slots, num)
+
+        def put(full, value):
+            return full.at[into].set(value, mode="drop")
+
+        state = dataclasses.replace(state, anchors=put(state.anchors, anchors), lens=put(state.lens, end),
+                                    generated=put(state.generated, generated), done=put(state.done, done),
+                                    history=history.at[into, end].set(anchors, mode="drop"))
+        if draft is not None:
+            # The token after each position: the next one in the piece, then the known or sampled next token.
+            following = jnp.concatenate([chunk.tokens[1:], chunk.tokens[:1]])
+            boundary = jnp.where(chunk.completes, anchors, chunk.next_tokens)
+            is_last = layout.token_slot == chunk.q_lens[layout.token_req] - 1
+            next_tokens = jnp.where(is_last, boundary[layout.token_req], following)
+            dstate = draft.ingest(target, dstate, features, next_tokens, layout, chunk.slots)
+        return state, caches, dstate, PrefillOutputs(anchors=anchors, done=done)
 
 
 # --------------------------------------------------------------------------------------------
 # plain decode
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "geometry", "backend"), donate_argnames=("caches",))
-def _decode_step(graphdef, params, caches, state: DecodeState, counters, page_table, sampling, req_keys, eos_ids,
-                 max_new, *, geometry, backend):
-    """Feed each row's anchor, sample the next token. Finished rows stand still."""
-    with ops.use(backend):
-        return _decode_body(graphdef, params, caches, state, counters, page_table, sampling, req_keys, eos_ids,
-                            max_new, geometry)
-
-
-def _decode_body(graphdef, params, caches, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
-                 geometry):
-    model = graphdef.merge(params)
-    rows = state.anchors.shape[0]
-    layout = ragged_layout(page_table, state.lens, jnp.ones((rows,), jnp.int32), num_tokens=rows, max_q_len=1,
-                           page_size=geometry.page_size, num_slots=geometry.num_slots)
-    attn = PagedKV(caches, layout.meta)
-    hidden, _ = model(state.anchors, layout.positions, attn)
-    nxt = sample(model.logits(hidden), sampling, position_keys(req_keys, state.lens + 1, TARGET_STREAM))
-    zero = jnp.zeros((rows,), jnp.int32)
-    state, counters, _ = _commit(state, counters, nxt[:, None], zero, zero, eos_ids, max_new)
-    return state, counters, attn.caches
-
-
-# --------------------------------------------------------------------------------------------
-# speculative rounds
-
-
 @dataclasses.dataclass(frozen=True)
 class _RoundShape:
-    """Static facts of a speculative round."""
+    """Static facts of a decode step or speculative round."""
 
     gamma: int
     scheduler: str
     threshold: float
     geometry: CacheGeometry
     backend: str  # kernel backend (see dspark_jax.kernels)
+    filters: bool  # some row uses top-k/top-p
 
 
-def _draft_and_schedule(target, draft, dstate, state: DecodeState, page_table, sampling, req_keys, sps, capacity,
-                        shape: _RoundShape):
-    inputs = ProposeInputs(anchors=state.anchors, lens=state.lens, page_table=page_table, history=state.history,
-                           sampling=sampling, keys=_round_keys(req_keys, state.rounds, DRAFT_STREAM, shape.gamma),
-                           gamma=shape.gamma, geometry=shape.geometry)
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches"))
+def _decode_program(graphdefs, params, state: SlotState, caches, slots, page_table, *, shape: _RoundShape):
+    """Feed each live row's anchor, sample the next token. Finished and padding rows stand still."""
+    with ops.use(shape.backend):
+        target, _ = _merge(graphdefs, params)
+        rows = _gather(state, slots, shape.filters)
+        n = slots.shape[0]
+        live = ~rows.done
+        layout = ragged_layout(page_table, rows.lens, live.astype(jnp.int32), num_tokens=n, max_q_len=1,
+                               page_size=shape.geometry.page_size, num_slots=shape.geometry.num_slots)
+        hidden, _, caches = _target_pass(target, caches, rows.anchors[layout.token_req], layout, ())
+        logits = target.logits(hidden[jnp.minimum(layout.meta.cu_q_lens[:-1], n - 1)])
+        nxt = sample(logits, rows.sampling, position_keys(rows.keys, rows.lens + 1, TARGET_STREAM))
+        zero = jnp.zeros((n,), jnp.int32)
+        rows, history, count = _commit(rows, state.history, nxt[:, None], zero)
+        state = _scatter(dataclasses.replace(state, history=history), rows)
+        return state, caches, RoundOutputs(tokens=nxt[:, None], count=count, done=rows.done, live=live, lengths=zero,
+                                           accepted=zero, confidence_logits=None,
+                                           next_capacity=jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# speculative rounds
+
+
+def _draft_and_schedule(target, draft, dstate, rows: Rows, history, page_table, sps, capacity, shape: _RoundShape):
+    num = history.shape[0]
+    inputs = ProposeInputs(anchors=rows.anchors, lens=rows.lens, page_table=page_table,
+                           history=history[jnp.minimum(rows.slots, num - 1)], sampling=rows.sampling,
+                           keys=_round_keys(rows.keys, rows.rounds, DRAFT_STREAM, shape.gamma), gamma=shape.gamma,
+                           geometry=shape.geometry, rows=rows.slots)
     proposal, dstate = draft.propose(target, dstate, inputs)
-    valid = jnp.where(state.done, 0, proposal.valid)
+    valid = jnp.where(rows.done, 0, proposal.valid)
+    live = jnp.sum(~rows.done)
     next_capacity = jnp.zeros((), jnp.int32)
     if shape.scheduler == "fixed":
         lengths = valid
@@ -361,99 +433,94 @@ def _draft_and_schedule(target, draft, dstate, state: DecodeState, page_table, s
         if shape.scheduler == "threshold":
             lengths = threshold_lengths(confidence, shape.threshold, valid)
         elif shape.scheduler == "causal":
-            lengths = schedule_prefix(a, sps)
+            lengths = schedule_prefix(a, sps, live_rows=live)
         else:
             lengths = admit_top(a, capacity)
-            next_capacity = best_capacity(a, sps)
-    return proposal, jnp.where(state.done, 0, lengths).astype(jnp.int32), next_capacity, dstate
+            next_capacity = best_capacity(a, sps, live_rows=live)
+    return proposal, jnp.where(rows.done, 0, lengths).astype(jnp.int32), next_capacity, dstate
 
 
-def _verify_and_commit(target, draft, caches, dstate, state: DecodeState, counters, proposal: Proposal, lengths,
-                       page_table, sampling, req_keys, eos_ids, max_new, shape: _RoundShape, budget: int):
+def _verify_and_commit(target, draft, caches, dstate, state: SlotState, rows: Rows, proposal: Proposal, lengths,
+                       page_table, shape: _RoundShape, budget: int):
     gamma, geometry = shape.gamma, shape.geometry
-    q_lens = jnp.where(state.done, 0, lengths + 1)
-    layout = ragged_layout(page_table, state.lens, q_lens, num_tokens=budget, max_q_len=gamma + 1,
+    live = ~rows.done
+    q_lens = jnp.where(live, lengths + 1, 0)
+    layout = ragged_layout(page_table, rows.lens, q_lens, num_tokens=budget, max_q_len=gamma + 1,
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
-    block = jnp.concatenate([state.anchors[:, None], proposal.tokens], axis=1)  # [R, γ+1]
+    block = jnp.concatenate([rows.anchors[:, None], proposal.tokens], axis=1)  # [R, γ+1]
     tokens = block[layout.token_req, layout.token_slot]
-    attn = PagedKV(caches, layout.meta)
-    hidden, captured = target(tokens, layout.positions, attn, capture=draft.capture_layers)
+    hidden, features, caches = _target_pass(target, caches, tokens, layout, draft.capture_layers)
     logits = target.logits(hidden)  # [T, V]
     cu = layout.meta.cu_q_lens
     grid = jnp.clip(cu[:-1, None] + jnp.arange(gamma + 1)[None, :], 0, budget - 1)
-    keys = position_keys(req_keys, state.rounds, ACCEPT_STREAM)
-    num_accepted, nxt = verify(logits[grid], proposal.tokens, proposal.probs, lengths, keys, sampling)
+    keys = position_keys(rows.keys, rows.rounds, ACCEPT_STREAM)
+    num_accepted, nxt = verify(logits[grid], proposal.tokens, proposal.probs, lengths, keys, rows.sampling)
 
     slot = jnp.arange(gamma + 1)[None, :]
     padded = jnp.concatenate([proposal.tokens, jnp.zeros_like(proposal.tokens[:, :1])], axis=1)
     candidates = jnp.where(slot == num_accepted[:, None], nxt[:, None], padded)
-    old = state
-    state, counters, count = _commit(state, counters, candidates, num_accepted, lengths, eos_ids, max_new)
+    old = rows
+    rows, history, count = _commit(rows, state.history, candidates, num_accepted)
 
     # The draft absorbs the committed positions (anchor .. last accepted) from this verify pass.
-    commit_layout = ragged_layout(page_table, old.lens, jnp.where(old.done, 0, num_accepted + 1),
-                                  num_tokens=budget, max_q_len=gamma + 1, page_size=geometry.page_size,
-                                  num_slots=geometry.num_slots)
+    commit_layout = ragged_layout(page_table, old.lens, jnp.where(live, num_accepted + 1, 0), num_tokens=budget,
+                                  max_q_len=gamma + 1, page_size=geometry.page_size, num_slots=geometry.num_slots)
     source = jnp.clip(cu[commit_layout.token_req] + commit_layout.token_slot, 0, budget - 1)
-    features = (jnp.concatenate([captured[i] for i in draft.capture_layers], axis=-1)[source]
-                if draft.capture_layers else None)
     next_tokens = candidates[commit_layout.token_req, commit_layout.token_slot]
-    dstate = draft.ingest(target, dstate, features, next_tokens, commit_layout, jnp.arange(state.anchors.shape[0]))
-    record = RoundRecord(live=~old.done, lengths=lengths, accepted=num_accepted, committed=count,
-                         confidence_logits=proposal.confidence_logits)
-    return state, counters, attn.caches, dstate, record
+    dstate = draft.ingest(target, dstate, None if features is None else features[source], next_tokens,
+                          commit_layout, rows.slots)
+    state = _scatter(dataclasses.replace(state, history=history), rows)
+    outputs = RoundOutputs(tokens=candidates, count=count, done=rows.done, live=live, lengths=lengths,
+                           accepted=num_accepted, confidence_logits=proposal.confidence_logits,
+                           next_capacity=jnp.zeros((), jnp.int32))
+    return state, caches, dstate, outputs
 
 
 _ROUND_STATIC = ("graphdefs", "shape", "budget")
 
 
-@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("caches", "dstate"))
-def _spec_round(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids, max_new,
-                sps, capacity, *, shape, budget):
+@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("state", "caches", "dstate"))
+def _round_program(graphdefs, params, state, caches, dstate, slots, page_table, sps, capacity, *, shape, budget):
     """One whole speculative round for schedulers whose budget is known before launch (fixed, async)."""
     with ops.use(shape.backend):
-        return _spec_round_body(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys,
-                                eos_ids, max_new, sps, capacity, shape, budget)
-
-
-def _spec_round_body(graphdefs, params, caches, dstate, state, counters, page_table, sampling, req_keys, eos_ids,
-                     max_new, sps, capacity, shape, budget):
-    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
-    # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
-    capacity = jnp.minimum(capacity, budget - jnp.sum(~state.done))
-    proposal, lengths, next_capacity, dstate = _draft_and_schedule(
-        target, draft, dstate, state, page_table, sampling, req_keys, sps, capacity, shape)
-    state, counters, caches, dstate, record = _verify_and_commit(
-        target, draft, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys, eos_ids,
-        max_new, shape, budget)
-    return state, counters, caches, dstate, next_capacity, record
+        target, draft = _merge(graphdefs, params)
+        rows = _gather(state, slots, shape.filters)
+        # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
+        capacity = jnp.minimum(capacity, budget - jnp.sum(~rows.done))
+        proposal, lengths, next_capacity, dstate = _draft_and_schedule(target, draft, dstate, rows, state.history,
+                                                                       page_table, sps, capacity, shape)
+        state, caches, dstate, outputs = _verify_and_commit(target, draft, caches, dstate, state, rows, proposal,
+                                                            lengths, page_table, shape, budget)
+        return state, caches, dstate, dataclasses.replace(outputs, next_capacity=next_capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
-def _spec_draft(graphdefs, params, dstate, state, page_table, sampling, req_keys, sps, *, shape):
+def _draft_program(graphdefs, params, state, dstate, slots, page_table, sps, *, shape):
     """Draft and schedule; the host reads the token total to pick the verify budget."""
-    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
     with ops.use(shape.backend):
-        proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, state, page_table, sampling,
-                                                           req_keys, sps, jnp.zeros((), jnp.int32), shape)
-    total = jnp.sum(jnp.where(state.done, 0, lengths + 1))
-    return proposal, lengths, total, dstate
+        target, draft = _merge(graphdefs, params)
+        rows = _gather(state, slots, shape.filters)
+        proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, rows, state.history, page_table,
+                                                           sps, jnp.zeros((), jnp.int32), shape)
+        total = jnp.sum(jnp.where(rows.done, 0, lengths + 1))
+        return proposal, lengths, total, dstate
 
 
-@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("caches", "dstate"))
-def _spec_verify(graphdefs, params, caches, dstate, state, counters, proposal, lengths, page_table, sampling, req_keys,
-                 eos_ids, max_new, *, shape, budget):
-    target, draft = (g.merge(p) for g, p in zip(graphdefs, params))
+@functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("state", "caches", "dstate"))
+def _verify_program(graphdefs, params, state, caches, dstate, slots, page_table, proposal, lengths, *, shape, budget):
     with ops.use(shape.backend):
-        return _verify_and_commit(target, draft, caches, dstate, state, counters, proposal, lengths, page_table,
-                                  sampling, req_keys, eos_ids, max_new, shape, budget)
+        target, draft = _merge(graphdefs, params)
+        rows = _gather(state, slots, shape.filters)
+        return _verify_and_commit(target, draft, caches, dstate, state, rows, proposal, lengths, page_table, shape,
+                                  budget)
 
 
 # --------------------------------------------------------------------------------------------
-# driver
+# the core
 
 
-def _check_spec(draft, spec: SpecParams):
+def check_spec(draft, spec: SpecParams):
+    """The speculation settings a draft supports (block size, schedulers needing a confidence head)."""
     config = draft.config
     if config.kind in ("dspark", "dflash", "eagle3") and spec.block_size > config.block_size:
         raise ValueError(f"SpecParams.block_size={spec.block_size} exceeds the draft's trained block size "
@@ -463,171 +530,215 @@ def _check_spec(draft, spec: SpecParams):
                          f"(this {config.kind} draft has none); use scheduler='fixed'")
 
 
-def _sps_table(spec: SpecParams, rows: int, gamma: int):
-    needed = rows * (gamma + 1) + 1
-    if spec.scheduler not in ("causal", "async"):
-        return jnp.ones((needed,), jnp.float32)
-    if spec.sps is None:
-        raise ValueError(f"SpecParams.sps is required for scheduler={spec.scheduler!r}: a rounds/s table by "
-                         "verify-batch token count (generate() profiles one when given none)")
-    if len(spec.sps) < needed:
-        raise ValueError(f"SpecParams.sps has {len(spec.sps)} entries; {rows} rows × (γ+1={gamma + 1}) tokens "
-                         f"need at least {needed}")
-    return jnp.asarray(spec.sps[:needed], jnp.float32)
+@dataclasses.dataclass
+class Drafted:
+    """A split round between its draft and verify programs."""
+
+    slots: np.ndarray
+    page_table: jax.Array
+    filters: bool
+    proposal: Proposal
+    lengths: jax.Array
+    total: jax.Array  # scheduled tokens (anchors included)
 
 
-def _result(reqs: _Requests, state: DecodeState, counters: SpecCounters, gamma: int, t0: float,
-            t_first: float) -> GenerateResult:
-    history, generated = jax.device_get((state.history, state.generated))
-    tokens = [history[r, len(p):len(p) + generated[r]].tolist() for r, p in enumerate(reqs.prompts)]
-    c = jax.device_get(counters)
-    rounds = max(int(c.rounds), 1)
-    end = time.perf_counter()
-    stats = SpecStats(
-        acceptance_length=float(c.committed) / rounds,
-        accept_rate_per_position=[float(a) / max(int(r), 1) for a, r in zip(c.accepted[:gamma], c.reached)],
-        survival_per_position=[float(a) / rounds for a in c.accepted[:gamma]],
-        verified_tokens=int(c.verified), committed_tokens=int(c.committed), rounds=int(c.rounds))
-    return GenerateResult(tokens=tokens, stats=stats, seconds=end - t0, decode_seconds=end - t_first)
+class Core:
+    """S request slots on the device and the programs that advance any subset of them.
 
-
-class Session:
-    """One batch of requests on device: layout, parameters, caches and per-row state.
-
-    Built by prefilling every prompt and sampling its first token; then `plain_step()` or
-    `spec_round()` advance all live rows. `generate()` drives it; the SPS profiler reuses it.
+    `max_context` bounds a request's prompt + generated tokens; pages 0..num_pages−1 are the
+    caller's to hand out (page `num_pages` is a scratch page padding rows point at). Every
+    program call is recorded in `compiles` when it compiled.
     """
 
-    def __init__(self, target, draft, prompts, *, max_new_tokens: int, sampling, spec: SpecParams, seed: int,
-                 page_size: int, prefill_chunk: int, backend: str = "auto", record_rounds: bool = False):
-        self.t0 = time.perf_counter()
-        self.records = [] if record_rounds else None  # RoundRecords on device, read once at the end
-        self.backend = ops.resolve(backend)
-        self.spec = spec
-        self.gamma = spec.block_size if draft is not None else 0
+    def __init__(self, target, draft, spec: SpecParams | None, *, slots: int, max_context: int, page_size: int,
+                 num_pages: int, backend: str = "auto"):
+        if slots < 1:
+            raise ValueError(f"slots={slots}; expected >= 1")
         if draft is not None:
-            _check_spec(draft, spec)
-        _validate(target, prompts, max_new_tokens, margin=self.gamma + 1)
-        per_request = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
-        if len(per_request) != len(prompts):
-            raise ValueError(f"sampling: {len(per_request)} SamplingParams for {len(prompts)} prompts; "
-                             "pass one, or one each")
-        self.reqs = reqs = _layout_requests(prompts, max_new_tokens, self.gamma + 1, page_size)
-        self._tables = {}
-        self.geometry = geometry = reqs.geometry
-        graphdef, params = split_static(target)
-        caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=geometry.num_pages, page_size=page_size,
-                                dtype=target.dtype)
-        capture = tuple(draft.capture_layers) if draft is not None else ()
-        caches, last_logits, chunks = _prefill(graphdef, params, caches, reqs, prefill_chunk, capture, self.backend)
+            spec = spec or SpecParams()
+            check_spec(draft, spec)
+        self.target, self.draft = target, draft
+        self.spec = spec if draft is not None else None
+        self.gamma = spec.block_size if draft is not None else 0
+        self.backend = ops.resolve(backend)
+        self.slots = slots
+        self.max_context = max_context
+        # A round verifies up to γ positions past the anchor, whose position is < max_context − 1.
+        self.pages_per_row = pages_for(max_context + self.gamma, page_size)
+        self.num_pages = num_pages
+        self.geometry = CacheGeometry(page_size=page_size, num_pages=num_pages + 1)
+        self.scratch_row = np.full(self.pages_per_row, num_pages, np.int32)
+        self.eos_ids = tuple(int(i) for i in target.arch.eos_token_ids)
 
-        n = len(prompts)
-        self.sampling = SamplingArrays.of(per_request + [SamplingParams()] * (reqs.rows - n))
-        self.keys = request_keys(seed, reqs.rows)
-        self.eos_ids = jnp.asarray(target.arch.eos_token_ids, jnp.int32)
-        self.max_new = jnp.int32(max_new_tokens)
-        lens = np.array([len(p) for p in reqs.prompts] + [0] * (reqs.rows - n), np.int32)
-        logits = jnp.stack([last_logits[r] for r in range(n)] + [last_logits[0]] * (reqs.rows - n))
-        first = sample(logits, self.sampling, position_keys(self.keys, jnp.asarray(lens), TARGET_STREAM))
-        history = np.zeros((reqs.rows, reqs.width), np.int32)
-        for r, p in enumerate(reqs.prompts):
-            history[r, :len(p)] = p
-        history = jnp.asarray(history).at[jnp.arange(reqs.rows), jnp.asarray(lens)].set(first)
-        pad = jnp.arange(reqs.rows) >= n
-        generated = jnp.where(pad, 0, 1).astype(jnp.int32)
-        self.state = DecodeState(anchors=first, lens=jnp.asarray(lens), generated=generated,
-                                 done=pad | jnp.isin(first, self.eos_ids) | (generated >= self.max_new),
-                                 rounds=jnp.zeros((reqs.rows,), jnp.int32), history=history)
-        self.counters = SpecCounters.zeros(max(self.gamma, 1))
-        self.caches = caches
-        self.max_len = int(lens.max())  # upper bound of any row's cache length
+        target_graph, target_params = split_static(target)
+        draft_graph, draft_params = split_static(draft) if draft is not None else (None, None)
+        self.graphdefs, self.params = (target_graph, draft_graph), (target_params, draft_params)
+        self.capture = tuple(draft.capture_layers) if draft is not None else ()
+        self.caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=num_pages + 1, page_size=page_size,
+                                     dtype=target.dtype, mesh=model_mesh(target))
+        self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
+                       if draft is not None else None)
+        self.state = SlotState.empty(slots, max_context)
+        self.compiles = CompileLog()
+        self._sps = None  # rounds/s by verify tokens (causal, async)
+        self._tables: dict[int, jax.Array] = {}
 
-        if draft is None:
-            self.graphdefs, self.params = graphdef, params
-        else:
-            draft_graphdef, draft_params = split_static(draft)
-            self.graphdefs, self.params = (graphdef, draft_graphdef), (params, draft_params)
-            self.dstate = draft.init_state(rows=reqs.rows, num_pages=geometry.num_pages, page_size=page_size,
-                                           dtype=target.dtype)
-            first_host = np.asarray(first)
-            for chunk in chunks:
-                table, boundary = _chunk_tables(reqs, chunk, first_host)
-                pages = bucket(pages_for(int((chunk.start + chunk.q_lens).max()), page_size), maximum=table.shape[1])
-                self.dstate = _draft_ingest_prefill(
-                    self.graphdefs, self.params, self.dstate, chunk.features, jnp.asarray(chunk.tokens),
-                    jnp.asarray(boundary), jnp.asarray(table[:, :pages]), jnp.asarray(chunk.rows),
-                    jnp.asarray(chunk.start), jnp.asarray(chunk.q_lens), max_q_len=bucket(int(chunk.q_lens.max())),
-                    geometry=geometry, backend=self.backend)
-            self.shape = _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
-                                     geometry=geometry, backend=self.backend)
-            self.sps = _sps_table(spec, reqs.rows, self.gamma)
-            self.full_budget = bucket(reqs.rows * (self.gamma + 1), minimum=16)
-            self.capacities = []  # async: the capacity each launched round computed, read two rounds later
-        self.t_first = time.perf_counter()
+    # -- shapes
 
-    def page_table(self, length: int):
-        """The page table cut to the bucket that covers `length` tokens per row (kept on device)."""
-        pages = bucket(pages_for(length, self.geometry.page_size), maximum=self.reqs.page_table.shape[1])
-        if pages not in self._tables:
-            self._tables[pages] = jnp.asarray(self.reqs.page_table[:, :pages])
-        return self._tables[pages]
+    @property
+    def scheduler(self) -> str | None:
+        return self.spec.scheduler if self.spec is not None else None
 
-    def sync(self) -> bool:
-        """Read back whether every row is done, and tighten the length bound."""
-        done, longest = jax.device_get((jnp.all(self.state.done), jnp.max(self.state.lens)))
-        self.max_len = int(longest)
-        return bool(done)
+    @property
+    def split(self) -> bool:
+        """Rounds run as draft + verify (the budget follows this round's schedule)."""
+        return self.scheduler in ("threshold", "causal")
 
-    def plain_step(self):
-        self.max_len += 1
-        self.state, self.counters, self.caches = _decode_step(
-            self.graphdefs, self.params, self.caches, self.state, self.counters, self.page_table(self.max_len),
-            self.sampling, self.keys, self.eos_ids, self.max_new, geometry=self.geometry, backend=self.backend)
+    def row_buckets(self) -> list[int]:
+        return [1 << i for i in range(bucket(self.slots).bit_length())]
 
-    def spec_round(self):
-        self.max_len += self.gamma + 1
-        table = self.page_table(self.max_len + 1)
-        if self.spec.scheduler in ("fixed", "async"):
-            capacity = self.capacities[-2] if len(self.capacities) >= 2 else jnp.int32(self.reqs.rows * self.gamma)
-            budget = self.full_budget
-            if self.spec.scheduler == "async":
-                budget = bucket(self.reqs.rows + int(capacity), minimum=16, maximum=self.full_budget)
-            self.state, self.counters, self.caches, self.dstate, next_capacity, record = _spec_round(
-                self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, table, self.sampling,
-                self.keys, self.eos_ids, self.max_new, self.sps, capacity, shape=self.shape, budget=budget)
-            self.capacities = (self.capacities + [next_capacity])[-2:]
-            self._record(record)
-        else:
-            proposal, lengths, total, self.dstate = _spec_draft(self.graphdefs, self.params, self.dstate, self.state,
-                                                                table, self.sampling, self.keys, self.sps,
-                                                                shape=self.shape)
-            self.verify(proposal, lengths, table, budget=bucket(int(total), minimum=16))
+    def budget(self, rows: int, tokens: int) -> int:
+        """Verify-token bucket of a round of `rows` rows that schedules `tokens` tokens."""
+        return min(bucket(tokens, minimum=MIN_BUDGET), rows * (self.gamma + 1))
 
-    def verify(self, proposal, lengths, table, *, budget: int):
-        self.state, self.counters, self.caches, self.dstate, record = _spec_verify(
-            self.graphdefs, self.params, self.caches, self.dstate, self.state, self.counters, proposal, lengths, table,
-            self.sampling, self.keys, self.eos_ids, self.max_new, shape=self.shape, budget=budget)
-        self._record(record)
+    def budget_buckets(self, rows: int) -> list[int]:
+        """Every verify-token bucket of a round of `rows` rows."""
+        return sorted({self.budget(rows, t) for t in range(1, rows * (self.gamma + 1) + 1)})
 
-    def _record(self, record: RoundRecord):
-        if self.records is not None:
-            self.records.append(record)
+    def budgets(self, rows: int) -> list[int]:
+        """The verify budgets this core's rounds of `rows` rows launch with (fixed: every draft token)."""
+        return [rows * (self.gamma + 1)] if self.scheduler == "fixed" else self.budget_buckets(rows)
 
-    def round_log(self) -> RoundLog | None:
-        """The recorded request-rounds (live rows only, in round order), or None when not recording."""
-        if self.records is None:
-            return None
-        if not self.records:
-            empty = np.zeros((0,), np.int32)
-            return RoundLog(empty, empty, empty, empty, None)
-        records = jax.device_get(self.records)
-        live = np.stack([r.live for r in records])  # [rounds, R]
-        take = lambda field: np.stack([getattr(r, field) for r in records])[live]
-        request = np.broadcast_to(np.arange(live.shape[1]), live.shape)[live].astype(np.int32)
-        conf = take("confidence_logits").astype(np.float32) if records[0].confidence_logits is not None else None
-        return RoundLog(request=request, lengths=take("lengths"), accepted=take("accepted"),
-                        committed=take("committed"), confidence_logits=conf)
+    @staticmethod
+    def chunk_tokens(prefill_chunk: int) -> int:
+        """A prefill chunk's token budget: the power of two ≤ prefill_chunk (at least MIN_LANE)."""
+        return max(MIN_LANE, 1 << (max(prefill_chunk, 1).bit_length() - 1))
 
-    def result(self) -> GenerateResult:
-        result = _result(self.reqs, self.state, self.counters, self.gamma, self.t0, self.t_first)
-        return dataclasses.replace(result, rounds=self.round_log())
+    def prefill_shapes(self, prefill_chunk: int) -> list[tuple[int, int]]:
+        """Every (rows, lane) a prefill chunk may have: rows × lane ≤ chunk_tokens, both powers of two."""
+        limit = self.chunk_tokens(prefill_chunk)
+        return [(rows, lane) for lane in (1 << i for i in range(MIN_LANE.bit_length() - 1, limit.bit_length()))
+                for rows in self.row_buckets() if rows * lane <= limit]
+
+    @property
+    def needs_sps(self) -> bool:
+        """The scheduler reads a rounds/s table and none was given yet."""
+        return self.scheduler in ("causal", "async") and self._sps is None
+
+    def use_sps(self, sps) -> None:
+        """The rounds/s table (index: verify tokens) causal and async scheduling read; sized for bucket(slots) rows."""
+        needed = bucket(self.slots) * (self.gamma + 1) + 1
+        if len(sps) < needed:
+            raise ValueError(f"SpecParams.sps has {len(sps)} entries; {bucket(self.slots)} rows × "
+                             f"(γ+1={self.gamma + 1}) tokens need at least {needed}")
+        self._sps = np.asarray(sps, np.float32)
+        self._tables.clear()
+
+    def _sps_for(self, rows: int) -> jax.Array:
+        if rows not in self._tables:
+            if self.scheduler in ("causal", "async"):
+                if self._sps is None:
+                    raise ValueError(f"SpecParams.sps is required for scheduler={self.scheduler!r}: a rounds/s "
+                                     "table by verify-batch token count (profile_sps measures one)")
+                self._tables[rows] = jnp.asarray(self._sps[:rows * (self.gamma + 1) + 1])
+            else:
+                self._tables[rows] = jnp.ones((1,), jnp.float32)
+        return self._tables[rows]
+
+    def _round_shape(self, filters: bool) -> _RoundShape:
+        spec = self.spec or SpecParams()
+        return _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
+                           geometry=self.geometry, backend=self.backend, filters=filters)
+
+    # -- programs
+
+    def prefill(self, chunk: PrefillChunk, lane: int) -> PrefillOutputs:
+        shape = _PrefillShape(lane=lane, geometry=self.geometry, capture=self.capture, backend=self.backend)
+        with self.compiles.track(f"prefill rows={chunk.slots.shape[0]} lane={lane}"):
+            self.state, self.caches, self.dstate, out = _prefill_program(
+                self.graphdefs, self.params, self.state, self.caches, self.dstate, chunk, shape=shape)
+        return out
+
+    def decode(self, slots: np.ndarray, page_table: np.ndarray, filters: bool) -> RoundOutputs:
+        with self.compiles.track(f"decode rows={len(slots)} filters={filters}"):
+            self.state, self.caches, out = _decode_program(self.graphdefs, self.params, self.state, self.caches,
+                                                           slots, page_table, shape=self._round_shape(filters))
+        return out
+
+    def fused_round(self, slots: np.ndarray, page_table, filters: bool, capacity: int, budget: int) -> RoundOutputs:
+        with self.compiles.track(f"round rows={len(slots)} budget={budget} filters={filters}"):
+            self.state, self.caches, self.dstate, out = _round_program(
+                self.graphdefs, self.params, self.state, self.caches, self.dstate, slots, page_table,
+                self._sps_for(len(slots)), jnp.int32(capacity), shape=self._round_shape(filters), budget=budget)
+        return out
+
+    def draft_step(self, slots: np.ndarray, page_table, filters: bool) -> Drafted:
+        page_table = jnp.asarray(page_table)
+        with self.compiles.track(f"draft rows={len(slots)} filters={filters}"):
+            proposal, lengths, total, self.dstate = _draft_program(
+                self.graphdefs, self.params, self.state, self.dstate, slots, page_table, self._sps_for(len(slots)),
+                shape=self._round_shape(filters))
+        return Drafted(slots, page_table, filters, proposal, lengths, total)
+
+    def verify(self, drafted: Drafted, budget: int) -> RoundOutputs:
+        with self.compiles.track(f"verify rows={len(drafted.slots)} budget={budget} filters={drafted.filters}"):
+            self.state, self.caches, self.dstate, out = _verify_program(
+                self.graphdefs, self.params, self.state, self.caches, self.dstate, drafted.slots, drafted.page_table,
+                drafted.proposal, drafted.lengths, shape=self._round_shape(drafted.filters), budget=budget)
+        return out
+
+    def begin_round(self, slots: np.ndarray, page_table: np.ndarray, filters: bool, capacity: int | None = None):
+        """Launch this step's round over `slots`; `finish_round` completes it.
+
+        Split schedulers stop after drafting (the host has not read the token total yet); the
+        others launch the whole round. `capacity` (async) is the token count computed by an
+        earlier round (None: every draft token may be admitted).
+        """
+        rows = len(slots)
+        if self.draft is None:
+            return self.decode(slots, page_table, filters)
+        if self.split:
+            return self.draft_step(slots, page_table, filters)
+        if self.scheduler == "fixed" or capacity is None:
+            capacity = rows * self.gamma
+        budget = rows * (self.gamma + 1) if self.scheduler == "fixed" else self.budget(rows, rows + capacity)
+        return self.fused_round(slots, page_table, filters, capacity, budget)
+
+    def finish_round(self, pending) -> RoundOutputs:
+        if isinstance(pending, Drafted):
+            pending = self.verify(pending, self.budget(len(pending.slots), int(pending.total)))
+        for leaf in jax.tree_util.tree_leaves(pending):
+            leaf.copy_to_host_async()
+        return pending
+
+    # -- compiling ahead
+
+    def padding_rows(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, page table) of `rows` padding rows: a program run on them changes nothing."""
+        return np.full(rows, self.slots, np.int32), np.tile(self.scratch_row, (rows, 1))
+
+    def compile_all(self, prefill_chunk: int, stop=lambda: False) -> None:
+        """Run every program shape once on padding rows, so serving never compiles a known bucket.
+
+        `stop()` is asked between programs (a shutdown during warm-up).
+        """
+        for rows, lane in self.prefill_shapes(prefill_chunk):
+            if stop():
+                return
+            self.prefill(pack_chunk([], rows=rows, lane=lane, slots=self.slots, scratch_row=self.scratch_row), lane)
+        for rows in self.row_buckets():
+            slots, table = self.padding_rows(rows)
+            for filters in (False, True):
+                if stop():
+                    return
+                if self.draft is None:
+                    self.decode(slots, table, filters)
+                    continue
+                if self.split:
+                    drafted = self.draft_step(slots, table, filters)
+                for budget in self.budgets(rows):
+                    if self.split:
+                        self.verify(drafted, budget)
+                    else:
+                        self.fused_round(slots, table, filters, budget - rows if budget > rows else 0, budget)
+        jax.block_until_ready(self.state)

@@ -36,39 +36,43 @@ def _lengths_from_admitted(order, admitted, rows: int, gamma: int):
     return jax.ops.segment_sum(admitted.astype(jnp.int32), order // gamma, num_segments=rows).astype(jnp.int32)
 
 
-def _throughput_path(survival, sps):
+def _throughput_path(survival, sps, live_rows):
     """Θ after admitting the first n sorted candidates, n = 0..Rγ, and the sorted candidates."""
     rows, gamma = survival.shape
     sps = jnp.asarray(sps, jnp.float32)
     if sps.shape[0] < rows * (gamma + 1) + 1:
         raise ValueError(f"sps has {sps.shape[0]} entries; expected at least R(γ+1)+1 = {rows * (gamma + 1) + 1}")
+    live = rows if live_rows is None else live_rows
     order, a_sorted = _admission_order(survival)
     count = jnp.arange(rows * gamma + 1)
-    expected = rows + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(a_sorted)])
-    theta = expected * sps[rows + count]
+    expected = live + jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(a_sorted)])
+    theta = expected * sps[live + count]
     return order, a_sorted, theta
 
 
-def schedule_prefix(survival, sps):
+def schedule_prefix(survival, sps, live_rows=None):
     """Algorithm 1 (hardware-aware prefix scheduler with early stop).
 
     survival [R, γ] = a_{r,j} (0 = not a candidate); sps[B] = rounds/s when the verify batch
-    holds B tokens (sps[0] unused, len ≥ R(γ+1)+1). Returns lengths ℓ_r [R] int32.
+    holds B tokens (sps[0] unused, len ≥ R(γ+1)+1). `live_rows` (≤ R, may be traced) is how many
+    rows verify their anchor this round when the others are padding or finished rows (all zero
+    survival); None means all R. Returns lengths ℓ_r [R] int32.
     """
     rows, gamma = survival.shape
-    order, a_sorted, theta = _throughput_path(survival, sps)
+    order, a_sorted, theta = _throughput_path(survival, sps, live_rows)
     improves = (theta[1:] > theta[:-1]) & (a_sorted > 0)
     admitted = jnp.cumprod(improves.astype(jnp.int32)).astype(bool)
     return _lengths_from_admitted(order, admitted, rows, gamma)
 
 
-def best_capacity(survival, sps):
+def best_capacity(survival, sps, live_rows=None):
     """The token count K maximising Θ over the whole admission path (no early stop).
 
     Only for the async scheduler, which applies K two rounds later: then K cannot depend on the
-    tokens it admits, and searching past local dips in a jagged SPS curve is safe.
+    tokens it admits, and searching past local dips in a jagged SPS curve is safe. `live_rows`
+    as in `schedule_prefix`.
     """
-    _, a_sorted, theta = _throughput_path(survival, sps)
+    _, a_sorted, theta = _throughput_path(survival, sps, live_rows)
     reachable = jnp.concatenate([jnp.ones((1,), bool), a_sorted > 0])
     return jnp.argmax(jnp.where(reachable, theta, -jnp.inf)).astype(jnp.int32)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from dspark_jax.config import ConfigError, load_config
 from dspark_jax.eval import atomic_write_text, read_prompt_sets
 from dspark_jax.loading import checkpoint_folder, load_target, load_tokenizer
-from dspark_jax.speculative.generate import generate
+from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingParams
 
 
