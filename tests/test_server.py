@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server_process import Server, start_server, stop_server
+from dspark_jax.server.process import ServerProcess
 from synthetic_gguf import tiny_gguf
 
 KEY = "test-key"
@@ -51,9 +51,10 @@ config = Config(
                       max_context={MAX_CONTEXT}, page_size=16, prefill_chunk=64, kernels="xla"),
 )
 """)
-    server = start_server(config, workdir, "--api-key", KEY, "--drain-timeout", "20")
-    yield server
-    stop_server(server)
+    server = ServerProcess(config, workdir / "server.log", "--api-key", KEY, "--drain-timeout", "20",
+                           env={"DSPARK_CACHE": str(workdir / "cache"), "JAX_PLATFORMS": "cpu"})
+    yield server.wait_healthy()
+    server.stop()
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
-def post(server: Server, path: str, body, *, key: str | None = KEY) -> httpx.Response:
+def post(server: ServerProcess, path: str, body, *, key: str | None = KEY) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     if isinstance(body, (dict, list)):
         return httpx.post(server.url + path, json=body, headers=headers, timeout=120)
@@ -71,11 +72,11 @@ def post(server: Server, path: str, body, *, key: str | None = KEY) -> httpx.Res
                       timeout=120)
 
 
-def health(server: Server) -> dict:
+def health(server: ServerProcess) -> dict:
     return httpx.get(server.url + "/health", timeout=10).json()
 
 
-def wait_idle(server: Server, timeout: float = 60) -> dict:
+def wait_idle(server: ServerProcess, timeout: float = 60) -> dict:
     """/health once nothing runs or waits and every KV page is back in the pool."""
     deadline = time.monotonic() + timeout
     while True:
@@ -87,7 +88,7 @@ def wait_idle(server: Server, timeout: float = 60) -> dict:
         time.sleep(0.2)
 
 
-def metric_samples(server: Server) -> dict[tuple, float]:
+def metric_samples(server: ServerProcess) -> dict[tuple, float]:
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from server_process import start_server, stop_server
+from dspark_jax.server.process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server_random")]
 
@@ -27,9 +27,9 @@ def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server_random")
     config = workdir / "tiny_random.py"
     config.write_text(CONFIG)
-    server = start_server(config, workdir)
-    yield server
-    assert stop_server(server) == 0
+    server = ServerProcess(config, workdir / "server.log", env={"JAX_PLATFORMS": "cpu"})
+    yield server.wait_healthy()
+    assert server.stop() == 0
 
 
 def test_token_ids_in_token_ids_out_equal_generate(server):
