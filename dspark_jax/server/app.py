@@ -110,6 +110,11 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
         return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}",
                                        "invalid_request_error", code=code), status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):  # logged by uvicorn; the client gets the shape
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+                            status_code=500)
+
     bearer = HTTPBearer(auto_error=False)
 
     async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
