@@ -44,7 +44,7 @@ def server(tmp_path_factory, gguf):
 from dspark_jax.config import Config, DraftConfig, ServeConfig, SpecConfig, TargetConfig
 config = Config(
     target=TargetConfig(source={str(gguf)!r}, dtype="float32"),
-    draft=DraftConfig(kind="dspark", num_layers=1, target_layer_ids=(0, 1), mask_token_id=0, markov_rank=16,
+    draft=DraftConfig(kind="dspark", num_layers=1, target_layer_ids=(0,), mask_token_id=0, markov_rank=16,
                       block_size=4),
     spec=SpecConfig(scheduler="fixed"),
     serve=ServeConfig(max_new_tokens=16, max_batch={MAX_BATCH}, max_waiting={MAX_WAITING},
