@@ -52,7 +52,7 @@ config = Config(
 )
 """)
     server = ServerProcess(config, workdir / "server.log", "--api-key", KEY, "--drain-timeout", "20",
-                           env={"DSPARK_CACHE": str(workdir / "cache"), "JAX_PLATFORMS": "cpu"})
+                           env={"JAX_PLATFORMS": "cpu"})
     yield server.wait_healthy()
     server.stop()
 
@@ -102,11 +102,10 @@ def http_count(samples: dict, route: str, status: int, method: str = "POST") -> 
 # --------------------------------------------------------------------------------------------
 
 
-def test_greedy_completion_equals_generate(client, server, gguf, monkeypatch):
+def test_greedy_completion_equals_generate(client, server, gguf):
     """The served greedy completion (speculative, batched engine) is the target's own greedy decode."""
     import dspark_jax as dj
 
-    monkeypatch.setenv("DSPARK_CACHE", str(server.config.parent / "cache"))  # the server's converted GGUF
     tokenizer = dj.load_tokenizer(gguf)
     ids = tokenizer.encode("def add(a, b):\n    return")
     target = dj.load_target(str(gguf), dtype="float32")

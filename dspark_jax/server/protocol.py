@@ -66,7 +66,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 and -1 both mean off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 32)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
