@@ -83,11 +83,11 @@ def validation_error_body(exc: RequestValidationError) -> dict:
 
 def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = None,
                drain_timeout: float = 30.0) -> FastAPI:
-    """The app; its lifespan starts the engine (warm-up included) and shuts it down, draining."""
+    """The app; its lifespan starts the engine (which warms up in the background) and shuts it down, draining."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(engine.start)
+        engine.start()  # warms up on its own thread: /health answers 503 until it is ready
         try:
             yield
         finally:
@@ -126,9 +126,9 @@ def create_app(engine: Engine, served: ServedModel, *, api_key: str | None = Non
 
     @app.get("/health")
     async def health():
-        if not engine.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return {"status": "ok", **engine.stats()}
+        stats = engine.stats()
+        status = "failed" if stats["failed"] else "ok" if stats["ready"] else "starting"
+        return JSONResponse({"status": status, **stats}, status_code=200 if status == "ok" else 503)
 
     api = APIRouter(dependencies=[Depends(require_api_key)])
 

@@ -54,6 +54,10 @@ class ServerProcess:
                     with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                         if r.status == 200:
                             return self
+                except urllib.error.HTTPError as e:  # 503 while warming up; "failed" will not get better
+                    if json.loads(e.read() or b"{}").get("status") == "failed":
+                        self.stop()
+                        raise RuntimeError(f"the engine failed during warm-up:\n{self.log_tail()}") from None
                 except (urllib.error.URLError, ConnectionError, TimeoutError):
                     pass
             time.sleep(0.5)
