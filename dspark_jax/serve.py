@@ -3,7 +3,7 @@
 Starts the OpenAI-compatible HTTP server (dspark_jax.server) for the configured target and
 draft: /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health. It binds
 serve.host:serve.port (127.0.0.1:8000 by default; --port 0 picks a free port), prints one JSON
-line {"listening": URL}, and answers once the engine has warmed up. With --api-key (or
+line {"listening": URL}; /health turns 200 once the engine has warmed up. With --api-key (or
 DSPARK_API_KEY) every route but /health needs `Authorization: Bearer KEY`. SIGTERM stops
 accepting, lets running requests finish for --drain-timeout seconds, then exits.
 

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 def run_server(app: FastAPI, *, host: str, port: int, drain_timeout: float, log_level: str = "info") -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit status (0, or 3 if start-up failed).
 
-    Prints one JSON line {"listening": URL} once the port is bound; requests are answered after the
-    app's start-up (engine warm-up) finishes, /health turning 200 then. On SIGTERM uvicorn stops
+    Prints one JSON line {"listening": URL} once the port is bound; /health turns 200 when the engine
+    has warmed up (requests sent earlier wait for it). On SIGTERM uvicorn stops
     accepting, lets running requests finish for up to `drain_timeout` seconds, cancels the rest
     (which aborts them in the engine), then the app's shutdown drains and stops the engine.
     """
