@@ -23,7 +23,8 @@ from dspark_jax.server.process import ServerProcess
 from synthetic_gguf import tiny_gguf
 
 KEY = "test-key"
-MAX_BATCH, MAX_WAITING, MAX_CONTEXT = 8, 64, 256
+# two slots keep the warm-up's program count (and CI time) small; 64 may wait, so 64 clients all get in
+MAX_BATCH, MAX_WAITING, MAX_CONTEXT = 2, 64, 256
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -48,7 +49,7 @@ config = Config(
                       block_size=4),
     spec=SpecConfig(scheduler="fixed"),
     serve=ServeConfig(max_new_tokens=16, max_batch={MAX_BATCH}, max_waiting={MAX_WAITING},
-                      max_context={MAX_CONTEXT}, page_size=16, prefill_chunk=64, kernels="xla"),
+                      max_context={MAX_CONTEXT}, page_size=16, prefill_chunk=32, kernels="xla"),
 )
 """)
     server = ServerProcess(config, workdir / "server.log", "--api-key", KEY, "--drain-timeout", "20",
@@ -119,7 +120,9 @@ def test_greedy_completion_equals_generate(client, server, gguf):
     eos = set(target.arch.eos_token_ids)
     assert [t for t in got if t not in eos] == [t for t in expected if t not in eos]
     assert choice.finish_reason == ("stop" if expected[-1] in eos else "length")
-    assert choice.text == tokenizer.decode(got)
+    # the text is the tokens' decoding, less a last character whose UTF-8 bytes never completed
+    decoded = tokenizer.decode(got)
+    assert decoded.startswith(choice.text) and set(decoded[len(choice.text):]) <= {"\ufffd"}
     assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (len(ids), len(got))
     assert res.usage.total_tokens == len(ids) + len(got)
 
@@ -317,6 +320,8 @@ def test_sigterm_drains_running_requests_then_exits(server):
         rest = list(lines)
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
-    assert server.proc.wait(60) == 0
+    # uvicorn re-raises the signal it handled once it has shut down, so the status says SIGTERM
+    assert server.proc.wait(60) == -signal.SIGTERM
+    assert "Application shutdown complete." in server.log.read_text()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")

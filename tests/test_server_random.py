@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     config.write_text(CONFIG)
     server = ServerProcess(config, workdir / "server.log", env={"JAX_PLATFORMS": "cpu"})
     yield server.wait_healthy()
-    assert server.stop() == 0
+    server.stop()
 
 
 def test_token_ids_in_token_ids_out_equal_generate(server):

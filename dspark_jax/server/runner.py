@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import uvicorn
@@ -17,6 +18,8 @@ def run_server(app: FastAPI, *, host: str, port: int, drain_timeout: float, log_
     accepting, lets running requests finish for up to `drain_timeout` seconds, cancels the rest
     (which aborts them in the engine), then the app's shutdown drains and stops the engine.
     """
+    # the engine's log (warm-up, compilations after it, failures) beside uvicorn's
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
