@@ -2,7 +2,7 @@
 
     python serve/bench_serve.py --prompts PROMPTS.jsonl|DIR --out bench_serve.json
         [--models smollm2,qwen3_4b] [--modes none,fixed,causal] [--concurrency 1,4,16,64]
-        [--max-tokens 128] [--time-budget 450]
+        [--max-tokens 128] [--time-budget 420]
 
 For each model and mode a server process (`python -m dspark_jax.serve`, on 127.0.0.1) is started
 and, at each concurrency c, c streaming clients send requests back to back (max(8, 2c) requests
@@ -13,10 +13,12 @@ every round, `causal` lets the confidence scheduler choose. Models:
   qwen3_4b  Qwen3-4B's architecture with random weights + a random 5-layer DSpark draft; random
             token-id prompts of --prompt-len tokens through /v1/completions, exactly --max-tokens out
   FILE.py   any config file, served like qwen3_4b
-Per cell: output tokens/s and requests/s over the cell's wall time; TTFT (request sent → first
+Servers start without the engine's warm-up; each cell first sends one unmeasured wave of c of its
+requests, which compiles the shapes the cell meets. Per cell: output tokens/s and requests/s over
+the cell's wall time; TTFT (request sent → first
 token), ITL (gaps between streamed chunks, each holding one round's tokens) and TPOT ((end − first
-token) / (tokens − 1)) as median and p99; the mean accepted length per round and compilations after
-warm-up, from the server's /metrics. This process never touches the GPU (the server owns it).
+token) / (tokens − 1)) as median and p99; the mean accepted length per round and the compilations
+during the measured part (should be 0), from the server's /metrics. This process never touches the GPU (the server owns it).
 Cells left when --time-budget seconds have passed are skipped and listed.
 """
 
@@ -148,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=256, help="token-id prompts' length (random-weight models)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--set", action="append", default=[], help="extra config override for every server")
-    parser.add_argument("--time-budget", type=float, default=450.0, help="seconds; later cells are skipped")
+    parser.add_argument("--time-budget", type=float, default=420.0, help="seconds; later cells are skipped")
     return parser.parse_args(argv)
 
 
@@ -158,7 +160,10 @@ def main(argv=None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     sets = read_prompt_sets(args.prompts) if args.prompts else {}
     prompts = [turns[0] for prompt_set in sets.values() for turns in prompt_set]
-    serve_sets = [f"serve.max_batch={max(concurrencies)}", f"serve.max_waiting={4 * max(concurrencies)}"]
+    # no start-up warm-up (every bucket of 64 slots, compiled for each of the servers, would not fit the
+    # budget); each cell is preceded by an unmeasured wave of its own requests instead
+    serve_sets = [f"serve.max_batch={max(concurrencies)}", f"serve.max_waiting={4 * max(concurrencies)}",
+                  "serve.warmup=false"]
     result = {"device": device_name(), "max_tokens": args.max_tokens, "temperature": args.temperature,
               "prompts": len(prompts), "cells": [], "skipped": []}
     logs = Path(args.out).resolve().parent / "bench_serve_logs"  # one server log per model and mode
@@ -190,9 +195,11 @@ def main(argv=None) -> int:
                         result["skipped"].append([model, mode, c])
                         continue
                     bodies = request_bodies("bench", endpoint, max(8, 2 * c), args, prompts, vocab)
+                    _, warm_seconds = asyncio.run(run_cell(server.url, bodies[:c], c, path))
                     before = metric_samples(server.url)
                     results, seconds = asyncio.run(run_cell(server.url, bodies, c, path))
                     cell = {"model": model, "mode": mode, "concurrency": c, "startup_s": startup,
+                            "warmup_s": round(warm_seconds, 1),
                             **summarize(results, seconds, before, metric_samples(server.url))}
                     result["cells"].append(cell)
                     print(json.dumps(cell), flush=True)
