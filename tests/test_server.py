@@ -19,6 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import dspark_jax as dj
 from dspark_jax.server.process import ServerProcess
 from synthetic_gguf import tiny_gguf
 
@@ -105,8 +106,6 @@ def http_count(samples: dict, route: str, status: int, method: str = "POST") -> 
 
 def test_greedy_completion_equals_generate(client, server, gguf):
     """The served greedy completion (speculative, batched engine) is the target's own greedy decode."""
-    import dspark_jax as dj
-
     tokenizer = dj.load_tokenizer(gguf)
     ids = tokenizer.encode("def add(a, b):\n    return")
     target = dj.load_target(str(gguf), dtype="float32")
@@ -152,10 +151,8 @@ def test_streaming_equals_non_streaming(client, server):
 
 
 def test_chat_completion_uses_the_chat_template(client, gguf):
-    from dspark_jax.tokenizer import load_tokenizer
-
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 12 and 345."}]
-    ids = load_tokenizer(gguf).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = dj.load_tokenizer(gguf).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     chat = client.chat.completions.create(model="tiny.gguf", messages=messages, max_completion_tokens=8,
                                           temperature=0.0, extra_body={"return_token_ids": True})
     plain = client.completions.create(model="tiny.gguf", prompt=ids, max_tokens=8, temperature=0.0,

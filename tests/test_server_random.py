@@ -6,6 +6,7 @@ import httpx
 import openai
 import pytest
 
+import dspark_jax as dj
 from dspark_jax.server.process import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server_random")]
@@ -33,8 +34,6 @@ def server(tmp_path_factory):
 
 
 def test_token_ids_in_token_ids_out_equal_generate(server):
-    import dspark_jax as dj
-
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["tiny_random"]
     prompt = [5, 17, 99, 3, 42]
