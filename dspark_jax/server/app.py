@@ -75,9 +75,8 @@ def validation_error_body(exc: RequestValidationError) -> dict:
     messages = []
     for error in errors:
         param = _param(error["loc"])
-        reason = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
         got = "" if error["type"] == "missing" else f" (got {error['input']!r})"
-        messages.append(f"{param or 'body'}: {reason}{got}")
+        messages.append(f"{param or 'body'}: {error['msg']}{got}")
     return error_body("; ".join(messages), "invalid_request_error", _param(errors[0]["loc"]) if errors else None)
 
 
