@@ -24,7 +24,7 @@ run: .venv/.installed
 
 test: .venv/.installed .venv-oracle/.installed
 	DSPARK_ORACLE_PYTHON=.venv-oracle/bin/python DSPARK_REQUIRE_ORACLE=1 \
-		.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS) tests
+		.venv/bin/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf .venv .venv-oracle .pytest_cache

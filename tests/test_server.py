@@ -2,8 +2,8 @@
 driven by the openai client and raw httpx.
 
 One server per module (a tiny GGUF target with a tokenizer and chat template, plus a random
-one-layer DSpark draft); its tests share the xdist group "server" so one worker starts it once.
-The last test stops it with SIGTERM.
+one-layer DSpark draft; conftest keeps the module on one xdist worker). The last test stops it
+with SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ MAX_BATCH, MAX_WAITING, MAX_CONTEXT = 2, 64, 256
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

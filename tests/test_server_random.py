@@ -9,7 +9,7 @@ import pytest
 import dspark_jax as dj
 from dspark_jax.server.process import ServerProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server_random")]
+pytestmark = pytest.mark.slow
 
 CONFIG = """
 from dspark_jax.config import Config, LlamaArch, ServeConfig, TargetConfig
