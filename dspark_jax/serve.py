@@ -30,13 +30,11 @@ import jax
 from dspark_jax.cache import kv_cache_bytes
 from dspark_jax.checkpoint.hf import arch_from_hf_config, read_config_json
 from dspark_jax.config import Config, ConfigError, DeepseekV4Arch, load_config
-from dspark_jax.engine import Engine, EngineConfig
 from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer, target_folder
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
-from dspark_jax.speculative.generate import generate
-from dspark_jax.speculative.sampling import SamplingParams
+from dspark_jax.engine import Engine, EngineConfig, RequestParams
 from dspark_jax.speculative.schedule import SpecParams
 
 
