@@ -1,6 +1,13 @@
-"""`python -m dspark_jax.serve --config NAME.py [--set a.b=value ...] --prompt "..."`
+"""`python -m dspark_jax.serve --config NAME.py [--set a.b=value ...] [--host H] [--port P] [--api-key KEY]`
 
-One-shot generation with the configured target and draft: prints the completion, then one JSON
+Starts the OpenAI-compatible HTTP server (dspark_jax.server) for the configured target and
+draft: /v1/completions, /v1/chat/completions, /v1/models, /metrics, /health. It binds
+serve.host:serve.port (127.0.0.1:8000 by default; --port 0 picks a free port), prints one JSON
+line {"listening": URL}; /health turns 200 once the engine has warmed up. With --api-key (or
+DSPARK_API_KEY) every route but /health needs `Authorization: Bearer KEY`. SIGTERM stops
+accepting, lets running requests finish for --drain-timeout seconds, then exits.
+
+`--prompt "..."`: one-shot generation with the configured target and draft: prints the completion, then one JSON
 line of stats (tokens, tokens/s, accepted length when a draft is used).
 
 `--dry-run [--devices N] [--batch B] [--context C] [--device-memory GIB]` builds the model
@@ -22,7 +29,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+from pathlib import Path
 
 import jax
 
@@ -45,6 +54,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="config file, or a bare name from configs/")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. serve.temperature=0.7 (repeatable)")
+    parser.add_argument("--host", help="HTTP: address to bind (default serve.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP: port to bind (default serve.port; 0 = any free port)")
+    parser.add_argument("--api-key", default=os.environ.get("DSPARK_API_KEY"),
+                        help="HTTP: require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default $DSPARK_API_KEY; none = open)")
+    parser.add_argument("--served-model-name", help="HTTP: the model id clients name (default: the target "
+                        "source's file or folder name, or the config's name for random weights)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="HTTP: on SIGTERM, how long running requests may take to finish (default 30)")
     parser.add_argument("--prompt", help="generate one completion for this text and exit")
     parser.add_argument("--dry-run", action="store_true", help="print the model's sizes as JSON; build nothing")
     parser.add_argument("--devices", type=int,
@@ -71,16 +89,28 @@ def mesh_devices(cfg: Config, devices: int | None) -> int:
     return math.prod(cfg.serve.mesh) if cfg.serve.mesh else 1
 
 
-def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
-    folder = checkpoint_folder(cfg, "--prompt")
-    if isinstance(arch_from_hf_config(read_config_json(folder)), DeepseekV4Arch):  # before loading any weights
-        raise ConfigError(f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint: generation drives "
-                          "dense targets only so far; V4 offers --dry-run (and dspark_jax.models.deepseek_v4.v4_step)")
+def serving_mesh(cfg: Config, devices: int | None):
+    """The mesh the target is loaded onto (None on one device)."""
     count = mesh_devices(cfg, devices)
     if count > jax.device_count():
         raise ConfigError(f"the mesh spans {count} devices; {jax.device_count()} are available")
-    mesh = make_mesh(cfg.serve.mesh, jax.devices()[:count]) if count > 1 else None
-    target = load_target(cfg, mesh=mesh)
+    return make_mesh(cfg.serve.mesh, jax.devices()[:count]) if count > 1 else None
+
+
+def refuse_v4(cfg: Config, folder: Path | None) -> None:
+    """Generation drives dense targets only; say so before loading any weights."""
+    arch = cfg.target.arch if folder is None else arch_from_hf_config(read_config_json(folder))
+    if isinstance(arch, DeepseekV4Arch):
+        what = "target.arch is DeepSeek-V4" if folder is None else \
+            f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint"
+        raise ConfigError(f"{what}: generation drives dense targets only so far; V4 offers --dry-run "
+                          "(and dspark_jax.models.deepseek_v4.v4_step)")
+
+
+def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
+    folder = checkpoint_folder(cfg, "--prompt")
+    refuse_v4(cfg, folder)
+    target = load_target(cfg, mesh=serving_mesh(cfg, devices))
     tokenizer = load_tokenizer(folder)
     draft = load_draft(cfg, target)
     if cfg.serve.chat:
@@ -119,6 +149,26 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
         stats.update(acceptance_length=round(took.acceptance_length or 0.0, 3), rounds=took.rounds,
                      verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler)
     return stats
+
+
+def run_http(cfg: Config, args: argparse.Namespace) -> int:
+    """Load the target, tokenizer (none for random weights) and draft, and serve them over HTTP."""
+    # here, not at the top: fastapi/uvicorn are the `serve` extra, which --prompt and --dry-run do without
+    from dspark_jax.server import ServedModel, create_app, run_server
+
+    folder = target_folder(cfg)
+    refuse_v4(cfg, folder)
+    target = load_target(cfg, mesh=serving_mesh(cfg, args.devices))
+    tokenizer = load_tokenizer(folder) if folder is not None else None
+    draft = load_draft(cfg, target)
+    engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
+                    config=EngineConfig.from_serve(cfg.serve))
+    name = args.served_model_name or Path(cfg.target.source).name or Path(args.config).stem
+    served = ServedModel(name=name, tokenizer=tokenizer, vocab_size=target.arch.vocab_size,
+                         max_context=cfg.serve.max_context, defaults=cfg.serve)
+    app = create_app(engine, served, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    return run_server(app, host=args.host or cfg.serve.host, port=cfg.serve.port if args.port is None else args.port,
+                      drain_timeout=args.drain_timeout)
 
 
 def dry_run(cfg: Config, *, devices: int, batch: int, context: int, device_memory_gib: float) -> dict:
@@ -182,7 +232,7 @@ def main(argv=None) -> int:
             print(json.dumps(sizes), flush=True)
             return 0
         if args.prompt is None:
-            raise ConfigError("nothing to do: pass --prompt TEXT (HTTP serving is not available yet)")
+            return run_http(cfg, args)
         print(json.dumps(run_prompt(cfg, args.prompt, args.devices)), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

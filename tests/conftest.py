@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` as usual, except that a server test module (test_server*.py) runs whole on one worker,
+    which then starts its server process once. (`--dist loadgroup` with an xdist_group mark would
+    say this, but pytest-xdist 3.8 cannot mark pytest 9.2's node ids: its groups have no effect.)"""
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServerModulesWhole(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).name.startswith("test_server") else nodeid
+
+    return ServerModulesWhole(config, log)
+
+
 def _oracle_python() -> str | None:
     python = os.environ.get("DSPARK_ORACLE_PYTHON", str(REPO / ".venv-oracle" / "bin" / "python"))
     return python if Path(python).exists() else None
