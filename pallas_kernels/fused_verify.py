@@ -10,8 +10,9 @@ The reference materialises p [R, γ+1, V] (softmax, one-hot rows for greedy requ
 `warp_probs` does. The kernel path never does: one pass of `vocab_stats` (Mosaic GPU) over the
 target logits gives every row's max, normaliser, argmax and block masses; p_k(x_k) and q_k(x_k)
 are gathered scalars; the residual draw touches only row n of each request — its block masses
-in one fused XLA pass over that row, then one block. With top-k/top-p the logits are first warped
-as the reference does (its sort decides the kept set to the last ulp; the sort then dominates).
+in one fused XLA pass over that row, then one block. With top-k/top-p the threshold comes first
+from `warp_floor` (the reference's own select, a few passes over the scaled logits, no sort), and
+the kernel applies it while it reads them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import vocab_stats as vs
-from pallas_kernels.common import inverse_cdf, warp_logits, warp_probs
+from pallas_kernels.common import inverse_cdf, scaled_logits, warp_floor, warp_probs
 
 
 def fused_verify_reference(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling):
@@ -69,20 +70,23 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
     vocab = target_logits.shape[-1]
     greedy = sampling.temperature == 0  # [R]
     if sampling.filters:
-        # The kept set must be the reference's to the last ulp: warp once, as it does, and read that.
-        logits, divisor = warp_logits(target_logits, sampling), jnp.ones((rows,), jnp.float32)
+        # The reference's scaled logits and threshold, computed as it does, so the kept sets agree to the bit.
+        logits, divisor = scaled_logits(target_logits, sampling), jnp.ones((rows,), jnp.float32)
+        floor = warp_floor(logits, sampling)  # [R, γ+1]
     else:
-        logits, divisor = target_logits, jnp.where(greedy, 1.0, sampling.temperature)
+        logits, divisor, floor = target_logits, jnp.where(greedy, 1.0, sampling.temperature), None
     row_max, norm, argmax, _ = vs.row_stats(*vs.vocab_stats(
-        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1), None, block=vs.BLOCK,
-        interpret=interpret))
+        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1),
+        None if floor is None else floor.reshape(-1), block=vs.BLOCK, interpret=interpret))
     row_max, norm, argmax = (a.reshape(rows, gamma + 1) for a in (row_max, norm, argmax))
 
     def p_of(k_rows, cols, values):
-        """p at columns cols of each request's row k_rows [R, C], from the (warped) logits there."""
+        """p at columns cols of each request's row k_rows [R, C], from the logits there."""
         m = jnp.take_along_axis(row_max, k_rows, 1)
-        z = values.astype(jnp.float32) / divisor[:, None] - jnp.where(m == -jnp.inf, 0.0, m)
-        sampled = jnp.exp(z) / jnp.take_along_axis(norm, k_rows, 1)
+        z = values.astype(jnp.float32) / divisor[:, None]
+        if floor is not None:
+            z = jnp.where(z >= jnp.take_along_axis(floor, k_rows, 1), z, -jnp.inf)
+        sampled = jnp.exp(z - jnp.where(m == -jnp.inf, 0.0, m)) / jnp.take_along_axis(norm, k_rows, 1)
         return jnp.where(greedy[:, None], (cols == jnp.take_along_axis(argmax, k_rows, 1)).astype(jnp.float32),
                          sampled)
 

@@ -10,8 +10,9 @@ sums over [R, V] in several passes. The kernel path keeps one pass of `vocab_sta
 over U_k + bias per step — max, normaliser, argmax and block masses in one read — draws inside
 one block, and writes q_k once. The bias itself is a [R, rank] × [rank, V] product per step
 (cuBLAS through XLA): W2 must be streamed once per step because each step's rows depend on the
-previous step's tokens. With top-k/top-p the step first warps as the reference does (its sort
-decides the kept set to the last ulp) and the kernel reads the warped logits.
+previous step's tokens. With top-k/top-p the step scales U_k + bias once, finds the threshold
+with `warp_floor` (the reference's own select, a few passes over the row, no sort), and the
+kernel applies it while it reads the scaled row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import vocab_stats as vs
-from pallas_kernels.common import inverse_cdf, warp_logits, warp_probs
+from pallas_kernels.common import inverse_cdf, scaled_logits, warp_floor, warp_probs
 
 
 def _bias(w1, w2, prev):
@@ -63,20 +64,23 @@ def _draw(base_k, bias, u, sampling, interpret):
     vocab = base_k.shape[1]
     greedy = sampling.temperature == 0
     if sampling.filters:
-        # The kept set must be the reference's to the last ulp: warp once, as it does, and read that.
-        x, x2 = warp_logits(base_k if bias is None else base_k + bias, sampling), None
-        divisor = jnp.ones(greedy.shape, jnp.float32)
+        # The reference's scaled logits and threshold, computed as it does, so the kept sets agree to the bit.
+        x, x2 = scaled_logits(base_k if bias is None else base_k + bias, sampling), None
+        divisor, floor = jnp.ones(greedy.shape, jnp.float32), warp_floor(x, sampling)
     else:
-        x, x2, divisor = base_k, bias, jnp.where(greedy, 1.0, sampling.temperature)
+        x, x2, divisor, floor = base_k, bias, jnp.where(greedy, 1.0, sampling.temperature), None
+    logits = x.astype(jnp.float32) if x2 is None else x + x2
     block = vs.BLOCK
-    row_max, norm, argmax, block_mass = vs.row_stats(*vs.vocab_stats(x, x2, divisor, None, block=block,
+    row_max, norm, argmax, block_mass = vs.row_stats(*vs.vocab_stats(x, x2, divisor, floor, block=block,
                                                                      interpret=interpret))
     shift = jnp.where(row_max == -jnp.inf, 0.0, row_max)[:, None]
-    logits = x.astype(jnp.float32) if x2 is None else x + x2
 
     def q_of(values, cols):
-        """q at columns cols ([R, C] or [1, C]) from the (warped) logits there."""
-        sampled = jnp.exp(values / divisor[:, None] - shift) / norm[:, None]
+        """q at columns cols ([R, C] or [1, C]) from the logits there."""
+        z = values / divisor[:, None]
+        if floor is not None:
+            z = jnp.where(z >= floor[:, None], z, -jnp.inf)
+        sampled = jnp.exp(z - shift) / norm[:, None]
         return jnp.where(greedy[:, None], (cols == argmax[:, None]).astype(jnp.float32), sampled)
 
     width = min(block, vocab)  # one block of the statistics: b covers columns [b·block, b·block + width)
