@@ -9,6 +9,8 @@ with per-request `temperature` [R] fp32, `top_k` [R] int32, `top_p` [R] fp32 and
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -72,14 +74,17 @@ def scaled_logits(logits, sampling):
 # The top-k/top-p floor by an exact threshold select (no sort of the vocabulary)
 
 SELECT_CANDIDATES = 7  # thresholds tried per pass: 6 spread evenly in value, 1 at the middle of the keys
-# Below max − MASS_RANGE a token's weight exp(x − max) is exactly 0 in fp32: e^−103.98 = 2^−150 is
-# half the smallest subnormal, so anything smaller rounds to 0 (the margin covers the rounding of
-# x − max and an exp a few ulps off). Both the reference softmax and the mass sums here give such
-# tokens zero probability, so the mass floor is searched in [max − MASS_RANGE, max].
+# The mass search starts at s = fl(max − MASS_RANGE): a token x < s has weight exp(x − max) = 0
+# exactly, in the reference's softmax as in the sums here. Rounding is monotone and leaves floats
+# alone, so x < s means x < max − 128 (else s = fl(max − 128) ≤ fl(x) = x); then fl(x − max) ≤ −128
+# and e^−128 < 2^−184, far below half the smallest subnormal (2^−150): it rounds to 0, also through
+# an exp some ulps off (e^−104 would already be 0 in exact rounding; 128 leaves the margin) or one
+# that flushes subnormals. Tokens of zero weight never move the cumulative mass, so the mass floor
+# is never below s (see `warp_floor` for where rounding makes the sort keep them anyway).
 MASS_RANGE = 128.0
-# Each pass at least halves the key interval (the middle candidate): ≤ 33 passes per search, two
+# Each pass at least halves the key interval (the middle candidate): ≤ 32 passes per search, two
 # searches; the bound only stops rows that cannot converge (NaN logits).
-_MAX_PASSES = 70
+_MAX_PASSES = 66
 _DONE, _COUNT, _MASS = 0, 1, 2
 
 
@@ -103,7 +108,8 @@ def warp_floor(x, sampling, *, candidates: int = SELECT_CANDIDATES):
     t with W(≥t) ≥ target (W: token counts for k_floor, masses for p_floor), each pass one read of
     the rows that counts W at `candidates` thresholds inside the current interval and snaps the
     interval to the nearest token values on both sides; a row is done when its interval holds one
-    value. Typical rows take 3–6 passes per search, any row at most 33.
+    value. On 151,936-token rows a search takes 2–5 passes (plus one for max/min at the start);
+    any row at most 32.
     """
     lead, vocab = x.shape[:-1], x.shape[-1]
     if not sampling.filters:
@@ -193,18 +199,35 @@ def _candidates(lo, hi, count):
     lo_f, hi_f = _value(lo)[:, None], _value(hi)[:, None]
     t = jnp.arange(1, count, dtype=jnp.float32) / count
     spread = jnp.clip(_key(_canonical(lo_f * (1.0 - t) + hi_f * t)), lo[:, None] + 1, hi[:, None])
-    as_u32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.uint32)
-    gap = as_u32(hi) - as_u32(lo)  # hi − lo without int32 overflow
-    mid = jax.lax.bitcast_convert_type(as_u32(lo) + (gap - gap // 2), jnp.int32)
+    lo_u, hi_u = (jax.lax.bitcast_convert_type(a, jnp.uint32) for a in (lo, hi))
+    gap = hi_u - lo_u  # hi − lo without int32 overflow
+    mid = jax.lax.bitcast_convert_type(lo_u + (gap - gap // 2), jnp.int32)
     return jnp.sort(jnp.concatenate([spread, mid[:, None]], 1), axis=1)
 
 
-def _threshold_stats(x, weight, thresholds):
-    """One read of x [N, V]: per threshold c_j [N, C], W = Σ weight over x ≥ c_j, min x ≥ c_j, and max x < c_j (j ≥ 1).
+# The pass reduces blocks of STATS_BLOCK columns, then the blocks: its fp32 sums stay as accurate as
+# a tree reduction's. One sequential sum over 151,936 terms (XLA's CPU code for a variadic reduction)
+# drifts by ~1e-5, enough to move the top-p floor of a flat row by many tokens.
+STATS_BLOCK = 4096
 
-    One variadic reduction, so the row is read once for all thresholds.
-    """
-    ge = [x >= thresholds[:, j:j + 1] for j in range(thresholds.shape[1])]
+
+def _threshold_stats(x, weight, thresholds):
+    """One read of x [N, V]: per threshold c_j [N, C], W = Σ weight over x ≥ c_j, min x ≥ c_j, and max x < c_j (j ≥ 1)."""
+    rows, vocab = x.shape
+    full = vocab // STATS_BLOCK * STATS_BLOCK
+    parts = [_block_stats(x[:, full:], weight[:, full:], thresholds)] if full < vocab else []
+    if full:
+        shape = (rows, full // STATS_BLOCK, STATS_BLOCK)
+        sums, above, below = _block_stats(x[:, :full].reshape(shape), weight[:, :full].reshape(shape),
+                                          thresholds[:, None])
+        parts.append((jnp.sum(sums, 1), jnp.min(above, 1), jnp.max(below, 1)))
+    sums, above, below = zip(*parts)
+    return sum(sums), functools.reduce(jnp.minimum, above), functools.reduce(jnp.maximum, below)
+
+
+def _block_stats(x, weight, thresholds):
+    """`_threshold_stats` over the last axis of x [..., W] (thresholds [..., C]): one variadic reduction, one read."""
+    ge = [x >= thresholds[..., j:j + 1] for j in range(thresholds.shape[-1])]
     operands = ([jnp.where(g, weight, 0.0) for g in ge], [jnp.where(g, x, jnp.inf) for g in ge],
                 [jnp.where(g, -jnp.inf, x) for g in ge[1:]])
     init = tuple([jnp.float32(v)] * len(ops) for v, ops in zip((0.0, jnp.inf, -jnp.inf), operands))
@@ -213,8 +236,8 @@ def _threshold_stats(x, weight, thresholds):
         return ([p + q for p, q in zip(a[0], b[0])], [jnp.minimum(p, q) for p, q in zip(a[1], b[1])],
                 [jnp.maximum(p, q) for p, q in zip(a[2], b[2])])
 
-    sums, above, below = jax.lax.reduce(operands, init, combine, (1,))
-    return jnp.stack(sums, 1), jnp.stack(above, 1), jnp.stack(below, 1)
+    sums, above, below = jax.lax.reduce(operands, init, combine, (x.ndim - 1,))
+    return jnp.stack(sums, -1), jnp.stack(above, -1), jnp.stack(below, -1)
 
 
 def warp_probs(logits, sampling):

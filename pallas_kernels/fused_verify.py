@@ -17,6 +17,7 @@ the kernel applies it while it reads them.
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -122,7 +123,12 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
 # GPU checks and benchmark (python -m pallas_kernels.bench)
 
 VOCAB = 151936  # Qwen3
-MODES = {"greedy": (0.0, 0, 1.0), "T=1": (1.0, 0, 1.0), "T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8)}
+# Top-k/top-p settings first: under the time budget their rows (the threshold select) come first.
+MODES = {"T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8), "T=1 top-p 0.95": (1.0, 0, 0.95), "greedy": (0.0, 0, 1.0),
+         "T=1": (1.0, 0, 1.0)}
+# Batches checked per setting besides the default one (fused verify 16, Markov loop 8): Qwen3's
+# recommended sampling at R = 1, 16 and 64; every top-k/top-p setting's floor is checked at R = 64.
+CHECK_ROWS = {"T=0.7 top-k 20 top-p 0.8": (1, 16, 64)}
 
 
 def sampling_of(rows, temperature, top_k, top_p):
@@ -130,6 +136,17 @@ def sampling_of(rows, temperature, top_k, top_p):
     return SimpleNamespace(temperature=jnp.full((rows,), temperature, jnp.float32),
                            top_k=jnp.full((rows,), top_k, jnp.int32), top_p=jnp.full((rows,), top_p, jnp.float32),
                            filters=top_k > 0 or top_p < 1.0)
+
+
+def filters_of(setting) -> bool:
+    return sampling_of(1, *setting).filters
+
+
+def bench_rows(bench, setting):
+    """Batch sizes timed for a sampling setting: top-k/top-p at R = 1, 16 and 64 in the default sweep."""
+    if filters_of(setting):
+        return bench.pick(quick=(64,), default=(1, 16, 64), full=(1, 16, 64, 128))
+    return bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128))
 
 
 def _inputs(key, rows, gamma, vocab, sampling):
@@ -143,35 +160,70 @@ def _inputs(key, rows, gamma, vocab, sampling):
 
 
 def gpu_checks(bench):
+    from pallas_kernels import common
+    from pallas_kernels.bench import sort_floor_path
+
+    gamma = 7
     for i, (mode, setting) in enumerate(MODES.items()):
-        def run():
-            rows, gamma = 16, 7
+        for rows in CHECK_ROWS.get(mode, (16,)):
+            def run():
+                sampling = sampling_of(rows, *setting)
+                args = _inputs(jax.random.key(500 + i), rows, gamma, VOCAB, sampling)
+                got = jax.jit(lambda *a: fused_verify(*a, sampling))(*args)
+                want = jax.jit(lambda *a: fused_verify_reference(*a, sampling))(*args)
+                mismatches = int(np.sum(np.asarray(got[0]) != np.asarray(want[0])) +
+                                 np.sum(np.asarray(got[1]) != np.asarray(want[1])))
+                return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
+            bench.check("fused_verify", f"{mode} R={rows}", run)
+        if not filters_of(setting):
+            continue
+
+        def same_distribution():
+            """The warp with the select against the warp with the sort: only rounding ties of the mass may differ."""
+            rows = 64
             sampling = sampling_of(rows, *setting)
-            args = _inputs(jax.random.key(500 + i), rows, gamma, VOCAB, sampling)
-            got = jax.jit(lambda *a: fused_verify(*a, sampling))(*args)
-            want = jax.jit(lambda *a: fused_verify_reference(*a, sampling))(*args)
-            mismatches = int(np.sum(np.asarray(got[0]) != np.asarray(want[0])) +
-                             np.sum(np.asarray(got[1]) != np.asarray(want[1])))
-            return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
-        bench.check("fused_verify", mode, run)
+            target = _inputs(jax.random.key(550 + i), rows, gamma, VOCAB, sampling)[0]
+            selected = jax.jit(lambda t: warp_probs(t, sampling))(target)
+            with sort_floor_path(common):
+                by_sort = jax.jit(lambda t: warp_probs(t, sampling))(target)
+            distance = 0.5 * float(jnp.max(jnp.sum(jnp.abs(selected - by_sort), axis=-1)))
+            return distance, 1e-5, f"R={rows} x {gamma + 1} rows, V={VOCAB} {mode} (error = max total variation)"
+        bench.check("warp_floor", f"{mode} vs sort", same_distribution)
+
+
+def _floor_timings(bench, sets, sampling):
+    """The floor alone on the scaled target logits: the select at 7 and 15 thresholds a pass, and the sort."""
+    from pallas_kernels.bench import sort_floor
+
+    scaled = [(scaled_logits(args[0], sampling),) for args in sets]
+    timings = {f"floor by select, {count} thresholds": bench.attempt(
+        jax.jit(lambda x, count=count: warp_floor(x, sampling, candidates=count)), scaled) for count in (7, 15)}
+    timings["floor by sort (previous)"] = bench.attempt(jax.jit(lambda x: sort_floor(x, sampling)), scaled)
+    return timings
 
 
 def benchmark(bench):
-    from pallas_kernels.bench import qwen3_4b_round_bytes
+    from pallas_kernels.bench import qwen3_4b_round_bytes, sort_floor_path
 
     gamma = 7
-    for rows in bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128)):
-        for mode, setting in MODES.items():
+    for mode, setting in MODES.items():
+        for rows in bench_rows(bench, setting):
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, sampling),
                                 rows * (2 * gamma + 1) * VOCAB * 4)
             ms = bench.time(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
             alternatives = {"xla_reference": bench.attempt(jax.jit(lambda *a: fused_verify_reference(*a, sampling)),
                                                            sets)}
+            extra = {}
+            if sampling.filters:
+                with sort_floor_path(sys.modules[__name__]):
+                    alternatives["sort_floor_path"] = bench.attempt(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
+                extra["variants"] = _floor_timings(bench, sets, sampling)
             moved = rows * (gamma + 1) * VOCAB * 4 + 2 * rows * VOCAB * 4  # target logits, then row n and q_n
             round_ms = bench.floor_ms(qwen3_4b_round_bytes(rows, gamma=gamma))
             bench.record("fused_verify", f"R={rows} gamma={gamma} {mode}", ms=ms, bytes_moved=moved,
                          alternatives=alternatives, bar="< 5% of a Qwen3-4B round (its bytes floor, ctx 1024)",
                          met=ms < 0.05 * round_ms, round_floor_ms=round_ms,
                          note=f"{100 * ms / round_ms:.2f}% of a {round_ms:.2f} ms round floor"
-                              + ("; top-k/top-p rows sort as the reference does" if sampling.filters else ""))
+                              + ("; sort_floor_path: the previous path, the floor by sorting each row"
+                                 if sampling.filters else ""), **extra)
