@@ -118,7 +118,8 @@ def warp_floor(x, sampling, *, candidates: int = SELECT_CANDIDATES):
     def per_row(a):  # [R] → one value per row of x
         return jnp.broadcast_to(_expand(a, len(lead)), lead).reshape(-1)
 
-    floor = _select_floor(x.reshape(-1, vocab), per_row(sampling.top_k), per_row(sampling.top_p), candidates)
+    floor = _select_floor(x.reshape(-1, vocab), per_row(sampling.top_k), per_row(sampling.top_p),
+                          candidates=candidates)
     return floor.reshape(lead)
 
 
@@ -137,6 +138,7 @@ def _canonical(v):
     return jnp.where(v == 0, 0.0, v)  # −0 → +0: the two compare equal, so they must share a key
 
 
+@functools.partial(jax.jit, static_argnames="candidates")  # compiled once per shape, also when called eagerly
 def _select_floor(x, top_k, top_p, candidates):
     """max(k_floor, p_floor) [N] of the rows x [N, V] fp32 (see `warp_floor`)."""
     vocab = x.shape[1]
@@ -160,11 +162,11 @@ def _select_floor(x, top_k, top_p, candidates):
         reached, above, below = _threshold_stats(x, weight, thresholds)
         target = jnp.where(s["phase"] == _COUNT, k.astype(jnp.float32),
                            jnp.where(s["fresh"], top_p * reached[:, 0], s["target"]))
-        # thresholds[j] ≤ t* < thresholds[j + 1]: W is non-increasing along the thresholds, the prefix keeps it so in fp32
-        j = jnp.sum(jnp.cumprod(reached[:, 1:] >= target[:, None], axis=1), axis=1)
-        lo = jnp.take_along_axis(above, j[:, None], 1)[:, 0]  # the smallest value ≥ thresholds[j]
-        hi = jnp.where(j == candidates, _value(s["hi"]),  # the largest value < thresholds[j + 1]
-                       jnp.take_along_axis(below, jnp.minimum(j, candidates - 1)[:, None], 1)[:, 0])
+        # W only falls as the threshold rises (also in fp32: the sums share one order), so t* is at or above
+        # every threshold that reaches the target (thresholds[0] = lo does) and below every other one.
+        reaches = (reached >= target[:, None]).at[:, 0].set(True)
+        lo = jnp.max(jnp.where(reaches, above, -jnp.inf), axis=1)  # the smallest value ≥ the highest such threshold
+        hi = jnp.minimum(jnp.min(jnp.where(reaches[:, 1:], jnp.inf, below), axis=1), _value(s["hi"]))
         searching = s["phase"] != _DONE
         s = dict(s, lo=jnp.where(searching, _key(lo), s["lo"]), hi=jnp.where(searching, _key(hi), s["hi"]),
                  target=target, fresh=jnp.zeros_like(s["fresh"]))
@@ -195,14 +197,14 @@ def _settle(s, massing, low, top):
 
 
 def _candidates(lo, hi, count):
-    """count thresholds (int32 keys, ascending) in (lo, hi]: count − 1 evenly spaced in value, one mid-key."""
+    """count thresholds (int32 keys) in (lo, hi]: count − 1 evenly spaced in value, one at the middle key."""
     lo_f, hi_f = _value(lo)[:, None], _value(hi)[:, None]
     t = jnp.arange(1, count, dtype=jnp.float32) / count
     spread = jnp.clip(_key(_canonical(lo_f * (1.0 - t) + hi_f * t)), lo[:, None] + 1, hi[:, None])
     lo_u, hi_u = (jax.lax.bitcast_convert_type(a, jnp.uint32) for a in (lo, hi))
     gap = hi_u - lo_u  # hi − lo without int32 overflow
     mid = jax.lax.bitcast_convert_type(lo_u + (gap - gap // 2), jnp.int32)
-    return jnp.sort(jnp.concatenate([spread, mid[:, None]], 1), axis=1)
+    return jnp.concatenate([spread, mid[:, None]], 1)
 
 
 # The pass reduces blocks of STATS_BLOCK columns, then the blocks: its fp32 sums stay as accurate as

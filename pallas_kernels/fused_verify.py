@@ -126,9 +126,10 @@ VOCAB = 151936  # Qwen3
 # Top-k/top-p settings first: under the time budget their rows (the threshold select) come first.
 MODES = {"T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8), "T=1 top-p 0.95": (1.0, 0, 0.95), "greedy": (0.0, 0, 1.0),
          "T=1": (1.0, 0, 1.0)}
-# Batches checked per setting besides the default one (fused verify 16, Markov loop 8): Qwen3's
-# recommended sampling at R = 1, 16 and 64; every top-k/top-p setting's floor is checked at R = 64.
+# Batches checked per setting, where not the default (fused verify 16, Markov loop 8): Qwen3's
+# recommended sampling at R = 1, 16 and 64. Every top-k/top-p setting's floor is checked at R = 64.
 CHECK_ROWS = {"T=0.7 top-k 20 top-p 0.8": (1, 16, 64)}
+BENCH_ROWS = {"T=0.7 top-k 20 top-p 0.8": (1, 16, 64), "T=1 top-p 0.95": (64,)}  # default sweep; the others at 1, 64
 
 
 def sampling_of(rows, temperature, top_k, top_p):
@@ -138,15 +139,9 @@ def sampling_of(rows, temperature, top_k, top_p):
                            filters=top_k > 0 or top_p < 1.0)
 
 
-def filters_of(setting) -> bool:
-    return sampling_of(1, *setting).filters
-
-
-def bench_rows(bench, setting):
-    """Batch sizes timed for a sampling setting: top-k/top-p at R = 1, 16 and 64 in the default sweep."""
-    if filters_of(setting):
-        return bench.pick(quick=(64,), default=(1, 16, 64), full=(1, 16, 64, 128))
-    return bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128))
+def bench_rows(bench, mode):
+    """Batch sizes timed for a sampling setting in this sweep."""
+    return bench.pick(quick=(64,), default=BENCH_ROWS.get(mode, (1, 64)), full=(1, 16, 64, 128))
 
 
 def _inputs(key, rows, gamma, vocab, sampling):
@@ -175,7 +170,7 @@ def gpu_checks(bench):
                                  np.sum(np.asarray(got[1]) != np.asarray(want[1])))
                 return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
             bench.check("fused_verify", f"{mode} R={rows}", run)
-        if not filters_of(setting):
+        if not sampling_of(1, *setting).filters:
             continue
 
         def same_distribution():
@@ -207,7 +202,7 @@ def benchmark(bench):
 
     gamma = 7
     for mode, setting in MODES.items():
-        for rows in bench_rows(bench, setting):
+        for rows in bench_rows(bench, mode):
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, sampling),
                                 rows * (2 * gamma + 1) * VOCAB * 4)
@@ -218,7 +213,8 @@ def benchmark(bench):
             if sampling.filters:
                 with sort_floor_path(sys.modules[__name__]):
                     alternatives["sort_floor_path"] = bench.attempt(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
-                extra["variants"] = _floor_timings(bench, sets, sampling)
+                if rows == 64:
+                    extra["variants"] = _floor_timings(bench, sets, sampling)
             moved = rows * (gamma + 1) * VOCAB * 4 + 2 * rows * VOCAB * 4  # target logits, then row n and q_n
             round_ms = bench.floor_ms(qwen3_4b_round_bytes(rows, gamma=gamma))
             bench.record("fused_verify", f"R={rows} gamma={gamma} {mode}", ms=ms, bytes_moved=moved,

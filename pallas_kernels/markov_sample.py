@@ -136,7 +136,7 @@ def benchmark(bench):
 
     gamma = 7
     for mode, setting in MODES.items():
-        for rows in bench_rows(bench, setting):
+        for rows in bench_rows(bench, mode):
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, RANK),
                                 2 * rows * gamma * VOCAB * 4)
