@@ -150,15 +150,18 @@ def _select_floor(x, top_k, top_p, candidates):
     counting = (top_k > 0) & (k <= n_finite)  # else k_floor is −inf (more tokens asked than finite)
     massing = top_p < 1.0
     inf = jnp.full_like(top, jnp.inf)
-    state = dict(phase=jnp.where(n_finite == 0, _DONE, jnp.where(counting, _COUNT, jnp.where(massing, _MASS, _DONE))),
-                 lo=_key(jnp.where(counting, low, _mass_start(-inf, low, top))), hi=_key(jnp.where(n_finite > 0, top, 0.0)),
-                 target=jnp.zeros_like(top), fresh=~counting & massing, k_floor=-inf, p_floor=-inf)
+    phase = jnp.where(counting, _COUNT, jnp.where(massing, _MASS, _DONE))
+    state = dict(phase=jnp.where(n_finite > 0, phase, _DONE),
+                 lo=_key(jnp.where(counting, low, _mass_start(-inf, low, top))),
+                 hi=_key(jnp.where(n_finite > 0, top, 0.0)), target=jnp.zeros_like(top),
+                 fresh=~counting & massing, k_floor=-inf, p_floor=-inf)
     state = _settle(state, massing, low, top)
 
     def step(carry):
         passes, s = carry
         thresholds = jnp.concatenate([_value(s["lo"])[:, None], _value(_candidates(s["lo"], s["hi"], candidates))], 1)
-        weight = jnp.where((s["phase"] == _COUNT)[:, None], 1.0, jnp.exp(x - jnp.where(n_finite > 0, top, 0.0)[:, None]))
+        weight = jnp.where((s["phase"] == _COUNT)[:, None], 1.0,
+                           jnp.exp(x - jnp.where(n_finite > 0, top, 0.0)[:, None]))
         reached, above, below = _threshold_stats(x, weight, thresholds)
         target = jnp.where(s["phase"] == _COUNT, k.astype(jnp.float32),
                            jnp.where(s["fresh"], top_p * reached[:, 0], s["target"]))
@@ -214,7 +217,7 @@ STATS_BLOCK = 4096
 
 
 def _threshold_stats(x, weight, thresholds):
-    """One read of x [N, V]: per threshold c_j [N, C], W = Σ weight over x ≥ c_j, min x ≥ c_j, and max x < c_j (j ≥ 1)."""
+    """One read of x [N, V]: per threshold c_j [N, C], Σ weight over x ≥ c_j, min x ≥ c_j, max x < c_j (j > 0)."""
     rows, vocab = x.shape
     full = vocab // STATS_BLOCK * STATS_BLOCK
     parts = [_block_stats(x[:, full:], weight[:, full:], thresholds)] if full < vocab else []

@@ -212,7 +212,8 @@ def benchmark(bench):
             extra = {}
             if sampling.filters:
                 with sort_floor_path(sys.modules[__name__]):
-                    alternatives["sort_floor_path"] = bench.attempt(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
+                    alternatives["sort_floor_path"] = bench.attempt(jax.jit(lambda *a: fused_verify(*a, sampling)),
+                                                                    sets)
                 if rows == 64:
                     extra["variants"] = _floor_timings(bench, sets, sampling)
             moved = rows * (gamma + 1) * VOCAB * 4 + 2 * rows * VOCAB * 4  # target logits, then row n and q_n
