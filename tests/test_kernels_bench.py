@@ -90,4 +90,4 @@ def test_sampling_checks_and_benchmark_rows(one_run, monkeypatch):
     assert [r["kernel"] for r in rows] == ["fused_verify", "markov_sample"]  # the quick sweep: R=64 only
     assert all(isinstance(r["alternatives"]["xla_reference"], float) and r["round_floor_ms"] > 0 for r in rows)
     assert all(isinstance(r["alternatives"]["sort_floor_path"], float) for r in rows)
-    assert all(isinstance(ms, float) for ms in rows[0]["variants"].values()) and len(rows[0]["variants"]) == 3
+    assert all(isinstance(t, float) for t in rows[0]["variants"].values()) and len(rows[0]["variants"]) == 3
