@@ -10,12 +10,14 @@ The reference materialises p [R, γ+1, V] (softmax, one-hot rows for greedy requ
 `warp_probs` does. The kernel path never does: one pass of `vocab_stats` (Mosaic GPU) over the
 target logits gives every row's max, normaliser, argmax and block masses; p_k(x_k) and q_k(x_k)
 are gathered scalars; the residual draw touches only row n of each request — its block masses
-in one fused XLA pass over that row, then one block. With top-k/top-p the logits are first warped
-as the reference does (its sort decides the kept set to the last ulp; the sort then dominates).
+in one fused XLA pass over that row, then one block. With top-k/top-p the threshold comes first
+from `warp_floor` (the reference's own select, a few passes over the scaled logits, no sort), and
+the kernel applies it while it reads them.
 """
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import jax
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import vocab_stats as vs
-from pallas_kernels.common import inverse_cdf, warp_logits, warp_probs
+from pallas_kernels.common import inverse_cdf, scaled_logits, warp_floor, warp_probs
 
 
 def fused_verify_reference(target_logits, draft_tokens, draft_probs, lengths, accept_u, resample_u, sampling):
@@ -69,20 +71,23 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
     vocab = target_logits.shape[-1]
     greedy = sampling.temperature == 0  # [R]
     if sampling.filters:
-        # The kept set must be the reference's to the last ulp: warp once, as it does, and read that.
-        logits, divisor = warp_logits(target_logits, sampling), jnp.ones((rows,), jnp.float32)
+        # The reference's scaled logits and threshold, computed as it does, so the kept sets agree to the bit.
+        logits, divisor = scaled_logits(target_logits, sampling), jnp.ones((rows,), jnp.float32)
+        floor = warp_floor(logits, sampling)  # [R, γ+1]
     else:
-        logits, divisor = target_logits, jnp.where(greedy, 1.0, sampling.temperature)
+        logits, divisor, floor = target_logits, jnp.where(greedy, 1.0, sampling.temperature), None
     row_max, norm, argmax, _ = vs.row_stats(*vs.vocab_stats(
-        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1), None, block=vs.BLOCK,
-        interpret=interpret))
+        logits.reshape(rows * (gamma + 1), vocab), None, jnp.repeat(divisor, gamma + 1),
+        None if floor is None else floor.reshape(-1), block=vs.BLOCK, interpret=interpret))
     row_max, norm, argmax = (a.reshape(rows, gamma + 1) for a in (row_max, norm, argmax))
 
     def p_of(k_rows, cols, values):
-        """p at columns cols of each request's row k_rows [R, C], from the (warped) logits there."""
+        """p at columns cols of each request's row k_rows [R, C], from the logits there."""
         m = jnp.take_along_axis(row_max, k_rows, 1)
-        z = values.astype(jnp.float32) / divisor[:, None] - jnp.where(m == -jnp.inf, 0.0, m)
-        sampled = jnp.exp(z) / jnp.take_along_axis(norm, k_rows, 1)
+        z = values.astype(jnp.float32) / divisor[:, None]
+        if floor is not None:
+            z = jnp.where(z >= jnp.take_along_axis(floor, k_rows, 1), z, -jnp.inf)
+        sampled = jnp.exp(z - jnp.where(m == -jnp.inf, 0.0, m)) / jnp.take_along_axis(norm, k_rows, 1)
         return jnp.where(greedy[:, None], (cols == jnp.take_along_axis(argmax, k_rows, 1)).astype(jnp.float32),
                          sampled)
 
@@ -118,7 +123,13 @@ def fused_verify(target_logits, draft_tokens, draft_probs, lengths, accept_u, re
 # GPU checks and benchmark (python -m pallas_kernels.bench)
 
 VOCAB = 151936  # Qwen3
-MODES = {"greedy": (0.0, 0, 1.0), "T=1": (1.0, 0, 1.0), "T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8)}
+# Top-k/top-p settings first: under the time budget their rows (the threshold select) come first.
+MODES = {"T=0.7 top-k 20 top-p 0.8": (0.7, 20, 0.8), "T=1 top-p 0.95": (1.0, 0, 0.95), "greedy": (0.0, 0, 1.0),
+         "T=1": (1.0, 0, 1.0)}
+# Batches checked per setting, where not the default (fused verify 16, Markov loop 8): Qwen3's
+# recommended sampling at R = 1, 16 and 64. Every top-k/top-p setting's floor is checked at R = 64.
+CHECK_ROWS = {"T=0.7 top-k 20 top-p 0.8": (1, 16, 64)}
+BENCH_ROWS = {"T=0.7 top-k 20 top-p 0.8": (1, 16, 64), "T=1 top-p 0.95": (64,)}  # default sweep; the others at 1, 64
 
 
 def sampling_of(rows, temperature, top_k, top_p):
@@ -126,6 +137,11 @@ def sampling_of(rows, temperature, top_k, top_p):
     return SimpleNamespace(temperature=jnp.full((rows,), temperature, jnp.float32),
                            top_k=jnp.full((rows,), top_k, jnp.int32), top_p=jnp.full((rows,), top_p, jnp.float32),
                            filters=top_k > 0 or top_p < 1.0)
+
+
+def bench_rows(bench, mode):
+    """Batch sizes timed for a sampling setting in this sweep."""
+    return bench.pick(quick=(64,), default=BENCH_ROWS.get(mode, (1, 64)), full=(1, 16, 64, 128))
 
 
 def _inputs(key, rows, gamma, vocab, sampling):
@@ -139,35 +155,72 @@ def _inputs(key, rows, gamma, vocab, sampling):
 
 
 def gpu_checks(bench):
+    from pallas_kernels import common
+    from pallas_kernels.bench import sort_floor_path
+
+    gamma = 7
     for i, (mode, setting) in enumerate(MODES.items()):
-        def run():
-            rows, gamma = 16, 7
+        for rows in CHECK_ROWS.get(mode, (16,)):
+            def run():
+                sampling = sampling_of(rows, *setting)
+                args = _inputs(jax.random.key(500 + i), rows, gamma, VOCAB, sampling)
+                got = jax.jit(lambda *a: fused_verify(*a, sampling))(*args)
+                want = jax.jit(lambda *a: fused_verify_reference(*a, sampling))(*args)
+                mismatches = int(np.sum(np.asarray(got[0]) != np.asarray(want[0])) +
+                                 np.sum(np.asarray(got[1]) != np.asarray(want[1])))
+                return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
+            bench.check("fused_verify", f"{mode} R={rows}", run)
+        if not sampling_of(1, *setting).filters:
+            continue
+
+        def same_distribution():
+            """The warp with the select against the warp with the sort: only rounding ties of the mass may differ."""
+            rows = 64
             sampling = sampling_of(rows, *setting)
-            args = _inputs(jax.random.key(500 + i), rows, gamma, VOCAB, sampling)
-            got = jax.jit(lambda *a: fused_verify(*a, sampling))(*args)
-            want = jax.jit(lambda *a: fused_verify_reference(*a, sampling))(*args)
-            mismatches = int(np.sum(np.asarray(got[0]) != np.asarray(want[0])) +
-                             np.sum(np.asarray(got[1]) != np.asarray(want[1])))
-            return float(mismatches), 0.0, f"R={rows} gamma={gamma} V={VOCAB} {mode} (error = mismatched outputs)"
-        bench.check("fused_verify", mode, run)
+            target = _inputs(jax.random.key(550 + i), rows, gamma, VOCAB, sampling)[0]
+            selected = jax.jit(lambda t: warp_probs(t, sampling))(target)
+            with sort_floor_path(common):
+                by_sort = jax.jit(lambda t: warp_probs(t, sampling))(target)
+            distance = 0.5 * float(jnp.max(jnp.sum(jnp.abs(selected - by_sort), axis=-1)))
+            return distance, 1e-5, f"R={rows} x {gamma + 1} rows, V={VOCAB} {mode} (error = max total variation)"
+        bench.check("warp_floor", f"{mode} vs sort", same_distribution)
+
+
+def _floor_timings(bench, sets, sampling):
+    """The floor alone on the scaled target logits: the select at 7 and 15 thresholds a pass, and the sort."""
+    from pallas_kernels.bench import sort_floor
+
+    scaled = [(scaled_logits(args[0], sampling),) for args in sets]
+    timings = {f"floor by select, {count} thresholds": bench.attempt(
+        jax.jit(lambda x, count=count: warp_floor(x, sampling, candidates=count)), scaled) for count in (7, 15)}
+    timings["floor by sort (previous)"] = bench.attempt(jax.jit(lambda x: sort_floor(x, sampling)), scaled)
+    return timings
 
 
 def benchmark(bench):
-    from pallas_kernels.bench import qwen3_4b_round_bytes
+    from pallas_kernels.bench import qwen3_4b_round_bytes, sort_floor_path
 
     gamma = 7
-    for rows in bench.pick(quick=(64,), default=(1, 64), full=(1, 16, 64, 128)):
-        for mode, setting in MODES.items():
+    for mode, setting in MODES.items():
+        for rows in bench_rows(bench, mode):
             sampling = sampling_of(rows, *setting)
             sets = bench.copies(lambda seed: _inputs(jax.random.key(seed), rows, gamma, VOCAB, sampling),
                                 rows * (2 * gamma + 1) * VOCAB * 4)
             ms = bench.time(jax.jit(lambda *a: fused_verify(*a, sampling)), sets)
             alternatives = {"xla_reference": bench.attempt(jax.jit(lambda *a: fused_verify_reference(*a, sampling)),
                                                            sets)}
+            extra = {}
+            if sampling.filters:
+                with sort_floor_path(sys.modules[__name__]):
+                    alternatives["sort_floor_path"] = bench.attempt(jax.jit(lambda *a: fused_verify(*a, sampling)),
+                                                                    sets)
+                if rows == 64:
+                    extra["variants"] = _floor_timings(bench, sets, sampling)
             moved = rows * (gamma + 1) * VOCAB * 4 + 2 * rows * VOCAB * 4  # target logits, then row n and q_n
             round_ms = bench.floor_ms(qwen3_4b_round_bytes(rows, gamma=gamma))
             bench.record("fused_verify", f"R={rows} gamma={gamma} {mode}", ms=ms, bytes_moved=moved,
                          alternatives=alternatives, bar="< 5% of a Qwen3-4B round (its bytes floor, ctx 1024)",
                          met=ms < 0.05 * round_ms, round_floor_ms=round_ms,
                          note=f"{100 * ms / round_ms:.2f}% of a {round_ms:.2f} ms round floor"
-                              + ("; top-k/top-p rows sort as the reference does" if sampling.filters else ""))
+                              + ("; sort_floor_path: the previous path, the floor by sorting each row"
+                                 if sampling.filters else ""), **extra)

@@ -85,7 +85,9 @@ def test_sampling_checks_and_benchmark_rows(one_run, monkeypatch):
     fv.benchmark(one_run)
     ms.benchmark(one_run)
     results = json.load(open(one_run.out_path))
-    assert [c["status"] for c in results["checks"]] == ["PASS"] * 2, results["checks"]
+    assert [c["status"] for c in results["checks"]] == ["PASS"] * 3, results["checks"]  # verify, floor vs sort, Markov
     rows = results["benchmarks"]
     assert [r["kernel"] for r in rows] == ["fused_verify", "markov_sample"]  # the quick sweep: R=64 only
     assert all(isinstance(r["alternatives"]["xla_reference"], float) and r["round_floor_ms"] > 0 for r in rows)
+    assert all(isinstance(r["alternatives"]["sort_floor_path"], float) for r in rows)
+    assert all(isinstance(t, float) for t in rows[0]["variants"].values()) and len(rows[0]["variants"]) == 3

@@ -1,6 +1,8 @@
-"""Vocabulary statistics, fused verification and the Markov sampling loop in GPU interpret mode (CPU).
+"""The top-k/top-p floor, vocabulary statistics, fused verification and the Markov loop (CPU; kernels interpreted).
 
-Fresh random inputs every case; vocabularies with a partial last block and below one block;
+The floor (`warp_floor`, an exact threshold select) is checked against sorting each row — the
+definition it replaced, kept here only as the oracle — on rows of many kinds. The kernels run in
+GPU interpret mode: fresh random inputs every case; vocabularies with a partial last block and below one block;
 temperatures, top-k/top-p and greedy rows mixed in one batch; γ from 0 to 16. The interpreter
 fills outputs with NaN, so an unwritten block statistic shows up. Draws use the same uniforms as
 the references, so the tokens must be equal.
@@ -19,7 +21,7 @@ from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
 from pallas_kernels import fused_verify as fv
 from pallas_kernels import markov_sample as ms
 from pallas_kernels import vocab_stats as vs
-from pallas_kernels.common import inverse_cdf, warp_probs
+from pallas_kernels.common import inverse_cdf, scaled_logits, warp_floor, warp_probs
 
 B = vs.BLOCK
 MIXED = (SamplingParams(1.0), SamplingParams(0.0), SamplingParams(0.7, top_k=40), SamplingParams(1.3, top_p=0.8),
@@ -32,6 +34,85 @@ def _rng(*parts):
 
 def _sampling(rows, params):
     return SamplingArrays.of([params[i % len(params)] for i in range(rows)])
+
+
+def _sort_floor(x, sampling):
+    """The oracle: max(k_floor, p_floor) [...] of scaled logits x [..., V], by sorting each row (the old warp)."""
+    vocab = x.shape[-1]
+    top_k, top_p = sampling.top_k[:, None], sampling.top_p[:, None]
+    ordered = -jnp.sort(-x, axis=-1)
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)
+    k_floor = jnp.where(top_k > 0, kth, -jnp.inf)
+    ordered = jnp.where(ordered >= k_floor, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = (mass_before < top_p) & (ordered > -jnp.inf)
+    p_floor = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.maximum(k_floor, jnp.where(top_p < 1.0, p_floor, -jnp.inf))[:, 0]
+
+
+ROW_KINDS = ("gauss", "gauss_wide", "ties", "flat", "peaked", "neg_inf", "bf16", "mass_tie", "constant")
+
+
+def _row(rng, kind, vocab):
+    """One row of logits of a kind: Gaussian, heavy ties, flat, one peak, −inf entries, bf16-rounded, ..."""
+    if kind == "gauss":
+        return 3.0 * rng.standard_normal(vocab)
+    if kind == "gauss_wide":  # values spread over many binades, both signs, and far below the max
+        spread = rng.standard_normal(vocab) * 10.0 ** rng.uniform(-30, 2, vocab)
+        return spread - np.where(rng.random(vocab) < 0.1, 1e4, 0)
+    if kind == "ties":
+        return np.round(4.0 * rng.standard_normal(vocab)) / 4
+    if kind == "flat":
+        return 1e-3 * rng.standard_normal(vocab)
+    if kind == "peaked":
+        return np.where(np.arange(vocab) < 3, 12.0 + rng.standard_normal(vocab), rng.standard_normal(vocab))
+    if kind == "neg_inf":  # masked entries, sometimes all but a few
+        row = 3.0 * rng.standard_normal(vocab)
+        return np.where(rng.random(vocab) < rng.choice([0.3, 0.995]), -np.inf, row)
+    if kind == "bf16":
+        return np.asarray(jnp.asarray(3.0 * rng.standard_normal(vocab), jnp.bfloat16).astype(jnp.float32))
+    if kind == "mass_tie":  # one token at 0, two at −ln 2: the top token's mass is 1/2 (top_p 0.5 hits it)
+        return np.concatenate([[0.0, -np.log(2.0), -np.log(2.0)], np.full(vocab - 3, -200.0)])[rng.permutation(vocab)]
+    return np.full(vocab, rng.standard_normal())  # constant
+
+
+def _assert_mass_tie(x, floors, top_k, top_p):
+    """Two floors of one row may differ only where the top-p crossing between them is a tie at fp32 rounding.
+
+    In exact arithmetic (float64 here) the mass of the tokens at or above the higher floor and the
+    mass strictly above the lower one must both be top_p within 1e-6 (fp32 sums of ≤ 151,936
+    probabilities, in blocks or as a cumulative sum, are that accurate).
+    """
+    x = np.asarray(x, np.float64)
+    kth = np.sort(x)[::-1][min(top_k, x.size) - 1] if top_k > 0 else -np.inf
+    weight = np.where(x >= kth, np.exp(np.where(x >= kth, x - x.max(), 0.0)), 0.0)
+    probs = weight / weight.sum()
+    low, high = min(floors), max(floors)
+    assert top_p < 1.0 and low >= kth, (floors, kth)  # the k_floor is exact: only the p_floor may differ
+    assert probs[x >= high].sum() > top_p - 1e-6 and probs[x > low].sum() < top_p + 1e-6, (floors, top_p)
+
+
+@pytest.mark.parametrize("vocab,rows", [(1000, 4 * len(ROW_KINDS) * 6 * 5), (151936, 36)])
+def test_warp_floor_equals_the_sort_floor(vocab, rows):
+    """Each row kind × top-k in {0, 1, 2, 20, V−1, V} × top-p in {0.05, 0.5, 0.8, 0.95, 1}, mixed temperatures."""
+    rng = _rng("floor", vocab)
+    combos = [(kind, k, p) for kind in ROW_KINDS for k in (0, 1, 2, 20, vocab - 1, vocab)
+              for p in (0.05, 0.5, 0.8, 0.95, 1.0)]
+    order = range(rows) if rows >= len(combos) else rng.permutation(len(combos))[:rows]  # all, or a random few
+    picks = [combos[i % len(combos)] for i in order]
+    logits = jnp.asarray(np.stack([_row(rng, kind, vocab) for kind, _, _ in picks]), jnp.float32)
+    top_k = np.asarray([k for _, k, _ in picks], np.int32)
+    top_p = np.asarray([p for _, _, p in picks], np.float32)
+    top_k[0], top_p[0] = 0, 1.0  # a row without filters in a batch with them: its floor is −inf
+    sampling = SamplingArrays(jnp.asarray(rng.choice([0.0, 0.3, 0.7, 1.0, 1.5], rows), jnp.float32),
+                              jnp.asarray(top_k), jnp.asarray(top_p), True)
+    x = jax.jit(scaled_logits)(logits, sampling)
+    got = np.asarray(jax.jit(warp_floor)(x, sampling))
+    want = np.asarray(jax.jit(_sort_floor)(x, sampling))
+    assert got[0] == -np.inf
+    for r in np.nonzero(got != want)[0]:
+        _assert_mass_tie(x[r], (got[r], want[r]), int(top_k[r]), float(top_p[r]))
 
 
 @pytest.mark.parametrize("vocab,dtype,with_x2,with_floor,ctas", [
@@ -122,6 +203,26 @@ def test_fused_verify_rejections_draw_from_the_residual():
             jnp.asarray(1.0 - rng.uniform(size=rows), jnp.float32), sampling)
     got, want = fv.fused_verify(*args, interpret=True), fv.fused_verify_reference(*args)
     assert int(jnp.sum(want[0] < gamma)) >= rows // 2
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_fused_verify_on_tied_logits_matches_reference():
+    """bf16-rounded logits with −inf entries (ties at every threshold) and the filters' corner settings."""
+    rng = _rng("verify-ties")
+    rows, gamma, vocab = 8, 2, B + 33
+    params = (SamplingParams(0.7, top_k=1), SamplingParams(1.0, top_k=2, top_p=0.5), SamplingParams(1.0, top_p=0.05),
+              SamplingParams(0.0, top_k=20), SamplingParams(1.3, top_k=vocab - 1, top_p=0.95),
+              SamplingParams(1.0, top_k=20, top_p=0.8))
+    sampling = _sampling(rows, params)
+    logits = np.round(2.0 * rng.standard_normal((rows, gamma + 1, vocab)), 1)
+    logits[rng.random(logits.shape) < 0.2] = -np.inf
+    target_logits = jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)
+    tokens, q = _draft(rng, target_logits, sampling, gamma)
+    args = (target_logits, tokens, q, jnp.full((rows,), gamma, jnp.int32),
+            jnp.asarray(rng.uniform(size=(rows, gamma)), jnp.float32),
+            jnp.asarray(1.0 - rng.uniform(size=rows), jnp.float32), sampling)
+    got, want = fv.fused_verify(*args, interpret=True), fv.fused_verify_reference(*args)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
 
