@@ -1,14 +1,19 @@
 """DeepSeek-V4 through the engine: per-slot decoding state (`V4State`) instead of paged K/V.
 
 The tiny V4 of configs/v4_tiny.py (dense random weights, every attention kind, MoE, mHC, its
-DSpark draft blocks) serves concurrent requests, plainly and speculatively; every request's
-greedy tokens equal decoding it alone with the model's own incremental step (`v4_step`).
+DSpark draft blocks) serves concurrent requests, plainly and speculatively with the checkpoint's
+own draft blocks; every request's greedy tokens equal decoding it alone with the model's own
+incremental step (`v4_step`). As in test_engine.py the target's attention outputs are zeroed (its
+next token is a function of the current one) and the draft's Markov head (rank = vocabulary)
+knows that function for two thirds of the tokens: rounds commit several tokens and roll back the
+rejected ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,20 +21,33 @@ import pytest
 from dspark_jax.config import DraftConfig, load_config
 from dspark_jax.drafts import create_draft
 from dspark_jax.engine import Engine, EngineConfig, RequestParams
-from dspark_jax.models import split_static
+from dspark_jax.models import forward, split_static
 from dspark_jax.models.deepseek_v4 import v4_layout, v4_step
 from dspark_jax.speculative.schedule import SpecParams
 from test_deepseek_v4 import random_model
 
-TINY = load_config("v4_tiny.py").target.arch
-ARCH = dataclasses.replace(TINY, weight_format="dense")
+TINY = load_config("v4_tiny.py")
+ARCH = dataclasses.replace(TINY.target.arch, weight_format="dense", dspark_markov_rank=TINY.target.arch.vocab_size)
+DRAFT = dataclasses.replace(TINY.draft, markov_rank=ARCH.vocab_size)
+GAMMA = DRAFT.block_size
+SPS = tuple(1.0 / (1.0 + 0.05 * b) for b in range(2 * (GAMMA + 1) + 1))
 CONFIG = EngineConfig(max_batch=2, max_context=64, prefill_chunk=16, warmup=False, compilation_cache=False)
 SHAPES = [(5, 12), (20, 9), (33, 10)]  # (prompt length, max_tokens)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(ARCH, seed=3)
+    model = random_model(ARCH, seed=3)
+    for layer in model.layers:  # attention adds nothing: the next token is a function of the current one
+        layer.attn.wo_b.weight[...] = jnp.zeros_like(layer.attn.wo_b.weight[...])
+    vocab = ARCH.vocab_size
+    table = np.asarray(jnp.argmax(forward(model, jnp.arange(vocab)[:, None])[0][:, 0], axis=-1))
+    rng = np.random.default_rng(4)
+    table = np.where(rng.random(vocab) < 1 / 3, rng.permutation(vocab), table)
+    head = model.mtp[-1].markov_head  # bias(x) = W1[x] · W2ᵀ = 40 · onehot(table[x])
+    head.markov_w1.embedding[...] = jnp.eye(vocab, dtype=jnp.float32)
+    head.markov_w2.weight[...] = jnp.asarray(40.0 * jax.nn.one_hot(table, vocab).T, jnp.float32)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +73,26 @@ def requests_and_oracle(model):
     return cases
 
 
-@pytest.mark.parametrize("draft_kind", ["none", "ngram"])
-def test_v4_engine_greedy_equals_stepwise_decoding(model, requests_and_oracle, draft_kind):
-    draft = create_draft(DraftConfig(kind=draft_kind), model)
-    engine = Engine(model, draft, spec=SpecParams(block_size=4) if draft is not None else None, config=CONFIG)
+@pytest.mark.parametrize("drafting", ["none", "dspark-fixed", "dspark-causal"])
+def test_v4_engine_greedy_equals_stepwise_decoding(model, requests_and_oracle, drafting):
+    draft = create_draft(DRAFT, model) if drafting != "none" else None
+    spec = SpecParams(block_size=GAMMA, scheduler=drafting.split("-")[-1], sps=SPS) if draft is not None else None
+    engine = Engine(model, draft, spec=spec, config=CONFIG)
     engine.start()
     handles = [engine.submit(prompt, RequestParams(max_tokens=count)) for prompt, count, _ in requests_and_oracle]
+    finals = []
     for handle, (_, _, expected) in zip(handles, requests_and_oracle):
-        assert [t for out in handle for t in out.token_ids] == expected
+        outputs = list(handle)
+        assert [t for out in outputs for t in out.token_ids] == expected
+        finals.append(outputs[-1])
+    if drafting == "dspark-fixed":  # the checkpoint's draft blocks ran, and multi-token rounds happened
+        assert sum(f.stats.committed_tokens for f in finals) > 1.5 * sum(f.stats.rounds for f in finals)
     stats = engine.stats()
     assert (stats["running"], stats["pages_used"]) == (0, 0)
     engine.shutdown(1.0)
+
+
+def test_v4_draft_config_must_match_the_checkpoint(model):
+    with pytest.raises(ValueError, match="DraftConfig.mask_token_id=3; the V4 checkpoint's DSpark blocks expect 95"):
+        create_draft(dataclasses.replace(DRAFT, mask_token_id=3), model)
+    assert create_draft(DraftConfig(kind="ngram"), model) is not None
