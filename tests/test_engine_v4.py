@@ -73,7 +73,8 @@ def requests_and_oracle(model):
     return cases
 
 
-@pytest.mark.parametrize("drafting", ["none", "dspark-fixed", "dspark-causal"])
+@pytest.mark.parametrize("drafting", [pytest.param("none", marks=pytest.mark.slow), "dspark-fixed",
+                                      pytest.param("dspark-causal", marks=pytest.mark.slow)])
 def test_v4_engine_greedy_equals_stepwise_decoding(model, requests_and_oracle, drafting):
     draft = create_draft(DRAFT, model) if drafting != "none" else None
     spec = SpecParams(block_size=GAMMA, scheduler=drafting.split("-")[-1], sps=SPS) if draft is not None else None
