@@ -7,8 +7,13 @@ line {"listening": URL}; /health turns 200 once the engine has warmed up. With -
 DSPARK_API_KEY) every route but /health needs `Authorization: Bearer KEY`. SIGTERM stops
 accepting, lets running requests finish for --drain-timeout seconds, then exits.
 
-`--prompt "..."`: one-shot generation with the configured target and draft: prints the completion, then one JSON
-line of stats (tokens, tokens/s, accepted length when a draft is used).
+`--prompt "..."`: one-shot generation with the configured target and draft through the engine:
+prints the completion, then one JSON line of stats (tokens, tokens/s, accepted length when a draft
+is used). A config of random weights has no tokenizer: its prompt is token ids separated by
+spaces, and the completion prints as token ids.
+
+Serving and --prompt refuse, before anything loads, a target whose weights and decoding state do
+not fit the mesh's devices.
 
 `--dry-run [--devices N] [--batch B] [--context C] [--device-memory GIB]` builds the model
 abstractly (shapes only: no weights, no allocation) and prints one JSON line of sizes: parameters
@@ -38,7 +43,7 @@ import jax
 from dspark_jax.cache import kv_cache_bytes
 from dspark_jax.checkpoint.hf import arch_from_hf_config, read_config_json
 from dspark_jax.config import Config, ConfigError, DeepseekV4Arch, load_config
-from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer, target_folder
+from dspark_jax.loading import load_draft, load_target, load_tokenizer, target_folder
 from dspark_jax.models import abstract_target, parameter_counts
 from dspark_jax.models.common import as_dtype
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM
@@ -97,52 +102,74 @@ def serving_mesh(cfg: Config, devices: int | None):
     return make_mesh(cfg.serve.mesh, jax.devices()[:count]) if count > 1 else None
 
 
-def refuse_v4(cfg: Config, folder: Path | None) -> None:
-    """Generation drives dense targets only; say so before loading any weights."""
-    arch = cfg.target.arch if folder is None else arch_from_hf_config(read_config_json(folder))
-    if isinstance(arch, DeepseekV4Arch):
-        what = "target.arch is DeepSeek-V4" if folder is None else \
-            f"target.source={cfg.target.source!r} is a DeepSeek-V4 checkpoint"
-        raise ConfigError(f"{what}: generation drives dense targets only so far; V4 offers --dry-run "
-                          "(and dspark_jax.models.deepseek_v4.v4_step)")
+def prompt_ids(tokenizer, cfg: Config, prompt: str) -> list[int]:
+    """The prompt's token ids: through the chat template (serve.chat) or plain encoding; without a
+    tokenizer (random weights) the prompt is the token ids themselves, separated by spaces."""
+    if tokenizer is None:
+        try:
+            return [int(t) for t in prompt.split()]
+        except ValueError:
+            raise ConfigError(f"--prompt {prompt!r}: this config builds random weights (target.source is empty), so "
+                              "there is no tokenizer: give token ids separated by spaces, e.g. --prompt '1 2 3'") from None
+    if cfg.serve.chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=True)
+    return tokenizer.encode(prompt)
+
+
+def device_memory_gib() -> float:
+    """Memory of one device (host memory for the CPU backend), in GiB."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"] / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def ensure_fits(cfg: Config, *, batch: int, context: int, devices: int) -> None:
+    """Refuse, before loading anything, a target whose weights and decoding state exceed the mesh's devices."""
+    memory = device_memory_gib()
+    sizes = dry_run(cfg, devices=devices, batch=batch, context=context, device_memory_gib=memory)
+    if not sizes["fits"]:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"the target does not fit: {sizes['weight_bytes'] / gib:.1f} GiB of weights + "
+            f"{sizes['draft_weight_bytes'] / gib:.1f} GiB of draft blocks + the state of {batch} request(s) of "
+            f"{context} positions need {sizes['bytes_per_device'] / gib:.1f} GiB per device split over {devices} "
+            f"{jax.devices()[0].device_kind} device(s) of {memory:.1f} GiB (serve --dry-run shows the sizes)")
 
 
 def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
-    folder = checkpoint_folder(cfg, "--prompt")
-    refuse_v4(cfg, folder)
-    target = load_target(cfg, mesh=serving_mesh(cfg, devices))
-    tokenizer = load_tokenizer(folder)
-    draft = load_draft(cfg, target)
-    if cfg.serve.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-    else:
-        ids = tokenizer.encode(prompt)
+    folder = target_folder(cfg)
+    tokenizer = load_tokenizer(folder) if folder is not None else None
+    ids = prompt_ids(tokenizer, cfg, prompt)
     serve = cfg.serve
     params = RequestParams(max_tokens=serve.max_new_tokens, temperature=serve.temperature, top_k=serve.top_k,
                            top_p=serve.top_p, seed=serve.seed)
     # One request: an engine of one slot sized to it, compiling only the shapes this request meets.
     config = dataclasses.replace(EngineConfig.from_serve(serve), max_batch=1, num_pages=0, warmup=False,
                                  max_context=min(serve.max_context, len(ids) + params.max_tokens))
+    ensure_fits(cfg, batch=1, context=config.max_context, devices=mesh_devices(cfg, devices))
+    target = load_target(cfg, mesh=serving_mesh(cfg, devices))
+    draft = load_draft(cfg, target)
     engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
                     config=config)
     engine.start()
     try:
-        new = 0
+        new = []
         for out in engine.submit(ids, params):
             print(out.text, end="", flush=True)
-            new += len(out.token_ids)
+            new += out.token_ids
     finally:
         engine.shutdown(drain_timeout=0)
-    print(flush=True)
+    print("" if tokenizer is not None else " ".join(map(str, new)), flush=True)  # ids when there is no text
     if out.finish_reason == "abort":
         raise RuntimeError("the engine failed while generating (its log says why)")
     took = out.stats
     decode_seconds = took.seconds - took.time_to_first_token
     stats = {
-        "prompt_tokens": len(ids), "new_tokens": new, "seconds": round(took.seconds, 3),
-        "tokens_per_s": round(new / took.seconds, 2),
-        "decode_tokens_per_s": round((new - 1) / decode_seconds, 2) if decode_seconds > 0 else None,
+        "prompt_tokens": len(ids), "new_tokens": len(new), "seconds": round(took.seconds, 3),
+        "tokens_per_s": round(len(new) / took.seconds, 2),
+        "decode_tokens_per_s": round((len(new) - 1) / decode_seconds, 2) if decode_seconds > 0 else None,
         "device": jax.devices()[0].device_kind, "draft": cfg.draft.kind,
     }
     if draft is not None:
@@ -157,7 +184,8 @@ def run_http(cfg: Config, args: argparse.Namespace) -> int:
     from dspark_jax.server import ServedModel, create_app, run_server
 
     folder = target_folder(cfg)
-    refuse_v4(cfg, folder)
+    ensure_fits(cfg, batch=cfg.serve.max_batch, context=cfg.serve.max_context,
+                devices=mesh_devices(cfg, args.devices))
     target = load_target(cfg, mesh=serving_mesh(cfg, args.devices))
     tokenizer = load_tokenizer(folder) if folder is not None else None
     draft = load_draft(cfg, target)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -336,12 +337,23 @@ def test_dry_run_cli_prints_one_json_line(capsys):
     assert "--devices=0; expected >= 1" in capsys.readouterr().err
 
 
-def test_serve_prompt_refuses_a_v4_checkpoint_before_loading_it(tmp_path, capsys):
-    folder = save_v4_checkpoint(random_model(TINY, seed=6), tmp_path / "v4")
-    for f in folder.glob("*.safetensors"):  # weights are never read: the refusal comes from config.json
-        f.write_bytes(b"")
-    config = tmp_path / "v4_local.py"
-    config.write_text("from dspark_jax.config import Config, TargetConfig\n"
-                      f"config = Config(target=TargetConfig(source={str(folder)!r}))\n")
-    assert main(["--config", str(config), "--prompt", "hi"]) == 2
-    assert "is a DeepSeek-V4 checkpoint: generation drives dense targets only" in capsys.readouterr().err
+def test_serve_prompt_refuses_a_target_that_does_not_fit_before_loading_it(capsys):
+    from dspark_jax.serve import device_memory_gib
+
+    cfg = load_config("v4_flash.py")
+    if dry_run(cfg, devices=jax.device_count(), batch=1, context=131, device_memory_gib=device_memory_gib())["fits"]:
+        pytest.skip("this machine's devices hold DeepSeek-V4-Flash")
+    assert main(["--config", "v4_flash.py", "--prompt", "1 2 3"]) == 2
+    assert "the target does not fit: 145.3 GiB of weights" in capsys.readouterr().err
+
+
+def test_serve_prompt_runs_v4_on_token_ids(capsys):
+    """A random-weight V4 has no tokenizer: the prompt and the completion are token ids."""
+    assert main(["--config", "v4_tiny.py", "--prompt", "5 17 3", "--set", "draft.kind=none",
+                 "--set", "serve.max_new_tokens=4"]) == 0
+    completion, stats = capsys.readouterr().out.strip().splitlines()[-2:]
+    ids = [int(t) for t in completion.split()]
+    assert 1 <= len(ids) <= 4 and all(0 <= t < TINY.vocab_size for t in ids)
+    assert json.loads(stats)["new_tokens"] == len(ids)
+    assert main(["--config", "v4_tiny.py", "--prompt", "hi"]) == 2
+    assert "give token ids separated by spaces" in capsys.readouterr().err

@@ -1,10 +1,12 @@
-"""Drafters behind one interface (see base.py): DSpark / DFlash, Eagle3, n-gram."""
+"""Drafters behind one interface (see base.py): DSpark / DFlash, Eagle3, n-gram, and a DeepSeek-V4
+checkpoint's own DSpark blocks."""
 
 from __future__ import annotations
 
 from flax import nnx
 
-from dspark_jax.config import DraftConfig
+from dspark_jax.config import DeepseekV4Arch, DraftConfig
+from dspark_jax.drafts.deepseek_v4 import V4DSparkDraft
 from dspark_jax.drafts.dspark import DSparkDraft
 from dspark_jax.drafts.eagle3 import Eagle3Draft
 from dspark_jax.drafts.ngram import NgramDraft
@@ -18,6 +20,8 @@ def create_draft(config: DraftConfig, target, *, dtype=None):
         return None
     if config.kind == "ngram":
         return NgramDraft(config, target.arch.vocab_size)
+    if config.kind == "dspark" and isinstance(target.arch, DeepseekV4Arch):
+        return V4DSparkDraft(config, target)  # the blocks the target checkpoint carries (their weights)
     rngs = nnx.Rngs(config.seed)
     if config.kind == "eagle3":
         return Eagle3Draft(config, target.arch, dtype=dtype, rngs=rngs)

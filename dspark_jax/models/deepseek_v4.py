@@ -583,7 +583,7 @@ class DeepseekV4ForCausalLM(nnx.Module, HeadCollapse):
     def kv_heads_and_dims(self):
         raise NotImplementedError(
             "DeepSeek-V4 has no paged K/V cache: it keeps its own decoding state (init_state, V4Context, "
-            "v4_step); speculative.generate does not drive it yet")
+            "v4_step), which the engine keeps per slot (speculative.decode.TargetCache)")
 
     def init_state(self, rows: int, max_context: int, *, rollback: int = 32, dtype=None) -> V4State:
         """Empty decoding state for `rows` requests of up to `max_context` positions.

@@ -33,6 +33,7 @@ from dspark_jax.cache import bucket, init_kv_caches, pages_for, ragged_layout
 from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models import split_static
 from dspark_jax.models.attention import PagedKV
+from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM, V4Context, v4_layout
 from dspark_jax.sharding import model_mesh
 from dspark_jax.speculative.compiles import CompileLog
 from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays,
@@ -187,12 +188,46 @@ def _merge(graphdefs, params):
     return target_graph.merge(params[0]), None if draft_graph is None else draft_graph.merge(params[1])
 
 
-def _target_pass(target, caches, tokens, layout, capture):
-    """The target over a flat token batch on its paged cache: (hidden, captured features, caches)."""
-    attn = PagedKV(caches, layout.meta)
-    hidden, captured = target(tokens, layout.positions, attn, capture=capture)
-    features = jnp.concatenate([captured[i] for i in capture], axis=-1) if capture else None
-    return hidden, features, attn.caches
+@dataclasses.dataclass(frozen=True)
+class TargetCache:
+    """Where the target keeps its context between programs.
+
+    Dense families keep paged K/V (one pool of pages; each row reaches its pages through the page
+    table). DeepSeek-V4 keeps a decoding state per slot (`V4State`: windows, compressor rings,
+    compressed entries) that its layers read and write through `V4Context`; it has no pages (the
+    page table is ignored) and rewinds by simply not advancing over rejected tokens.
+    """
+
+    per_slot: bool
+    max_len: int  # positions a slot may reach: the anchor < max_context, then γ verified past it
+
+    @staticmethod
+    def of(target, max_len: int) -> "TargetCache":
+        return TargetCache(per_slot=isinstance(target, DeepseekV4ForCausalLM), max_len=max_len)
+
+    def init(self, target, *, slots: int, num_pages: int, page_size: int):
+        if self.per_slot:
+            return target.init_state(slots, self.max_len)  # its default rollback (32) covers any γ ≤ 32
+        return init_kv_caches(target.kv_heads_and_dims(), num_pages=num_pages, page_size=page_size,
+                              dtype=target.dtype, mesh=model_mesh(target))
+
+    def run(self, target, caches, tokens, layout, start, slots, capture):
+        """The target over a flat token batch: (hidden, captured features [T, Σ], new caches).
+
+        layout: the batch's RaggedLayout (rows' queries at positions start...); slots: each row's slot.
+        """
+        if self.per_slot:
+            meta = layout.meta
+            ctx = V4Context(v4_layout(start, meta.cu_q_lens[1:] - meta.cu_q_lens[:-1], slots, num_tokens=tokens.shape[0],
+                                      max_q_len=meta.max_q_len, max_len=self.max_len), caches)
+            hidden, captured = target(tokens, layout.positions, ctx, capture=capture)
+            caches = ctx.new_state()
+        else:
+            attn = PagedKV(caches, layout.meta)
+            hidden, captured = target(tokens, layout.positions, attn, capture=capture)
+            caches = attn.caches
+        features = jnp.concatenate([captured[i] for i in capture], axis=-1) if capture else None
+        return hidden, features, caches
 
 
 @jax.tree_util.register_dataclass
@@ -327,6 +362,7 @@ def _admit(state: SlotState, chunk: PrefillChunk) -> SlotState:
 class _PrefillShape:
     lane: int  # max tokens of one piece
     geometry: CacheGeometry
+    cache: TargetCache
     capture: tuple[int, ...]
     backend: str
 
@@ -343,7 +379,8 @@ def _prefill_program(graphdefs, params, state: SlotState, caches, dstate, chunk:
                                max_q_len=shape.lane, page_size=geometry.page_size, num_slots=geometry.num_slots)
         token_slots = jnp.where(layout.valid, chunk.slots[layout.token_req], num)
         history = state.history.at[token_slots, layout.positions].set(chunk.tokens, mode="drop")
-        hidden, features, caches = _target_pass(target, caches, chunk.tokens, layout, shape.capture)
+        hidden, features, caches = shape.cache.run(target, caches, chunk.tokens, layout, chunk.start, chunk.slots,
+                                                   shape.capture)
 
         # Pieces that end a prompt: sample its first token (or restore a recomputed request's anchor).
         at = jnp.minimum(chunk.slots, num - 1)
@@ -386,6 +423,7 @@ class _RoundShape:
     scheduler: str
     threshold: float
     geometry: CacheGeometry
+    cache: TargetCache
     backend: str  # kernel backend (see dspark_jax.kernels)
     filters: bool  # some row uses top-k/top-p
 
@@ -400,7 +438,8 @@ def _decode_program(graphdefs, params, state: SlotState, caches, slots, page_tab
         live = ~rows.done
         layout = ragged_layout(page_table, rows.lens, live.astype(jnp.int32), num_tokens=n, max_q_len=1,
                                page_size=shape.geometry.page_size, num_slots=shape.geometry.num_slots)
-        hidden, _, caches = _target_pass(target, caches, rows.anchors[layout.token_req], layout, ())
+        hidden, _, caches = shape.cache.run(target, caches, rows.anchors[layout.token_req], layout, rows.lens,
+                                            rows.slots, ())
         logits = target.logits(hidden[jnp.minimum(layout.meta.cu_q_lens[:-1], n - 1)])
         nxt = sample(logits, rows.sampling, position_keys(rows.keys, rows.lens + 1, TARGET_STREAM))
         zero = jnp.zeros((n,), jnp.int32)
@@ -449,7 +488,8 @@ def _verify_and_commit(target, draft, caches, dstate, state: SlotState, rows: Ro
                            page_size=geometry.page_size, num_slots=geometry.num_slots)
     block = jnp.concatenate([rows.anchors[:, None], proposal.tokens], axis=1)  # [R, γ+1]
     tokens = block[layout.token_req, layout.token_slot]
-    hidden, features, caches = _target_pass(target, caches, tokens, layout, draft.capture_layers)
+    hidden, features, caches = shape.cache.run(target, caches, tokens, layout, rows.lens, rows.slots,
+                                               draft.capture_layers)
     logits = target.logits(hidden)  # [T, V]
     cu = layout.meta.cu_q_lens
     grid = jnp.clip(cu[:-1, None] + jnp.arange(gamma + 1)[None, :], 0, budget - 1)
@@ -574,8 +614,8 @@ class Core:
         draft_graph, draft_params = split_static(draft) if draft is not None else (None, None)
         self.graphdefs, self.params = (target_graph, draft_graph), (target_params, draft_params)
         self.capture = tuple(draft.capture_layers) if draft is not None else ()
-        self.caches = init_kv_caches(target.kv_heads_and_dims(), num_pages=num_pages + 1, page_size=page_size,
-                                     dtype=target.dtype, mesh=model_mesh(target))
+        self.cache = TargetCache.of(target, max_context + self.gamma)
+        self.caches = self.cache.init(target, slots=slots, num_pages=num_pages + 1, page_size=page_size)
         self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
                        if draft is not None else None)
         self.state = SlotState.empty(slots, max_context)
@@ -648,15 +688,18 @@ class Core:
     def _round_shape(self, filters: bool) -> _RoundShape:
         spec = self.spec or SpecParams()
         return _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
-                           geometry=self.geometry, backend=self.backend, filters=filters)
+                           geometry=self.geometry, cache=self.cache, backend=self.backend, filters=filters)
 
     # -- programs
 
     def prefill(self, chunk: PrefillChunk, lane: int) -> PrefillOutputs:
-        shape = _PrefillShape(lane=lane, geometry=self.geometry, capture=self.capture, backend=self.backend)
+        shape = _PrefillShape(lane=lane, geometry=self.geometry, cache=self.cache, capture=self.capture,
+                              backend=self.backend)
         with self.compiles.track(f"prefill rows={chunk.slots.shape[0]} lane={lane}"):
             self.state, self.caches, self.dstate, out = _prefill_program(
                 self.graphdefs, self.params, self.state, self.caches, self.dstate, chunk, shape=shape)
+        for leaf in jax.tree_util.tree_leaves(out):
+            leaf.copy_to_host_async()
         return out
 
     def decode(self, slots: np.ndarray, page_table: np.ndarray, filters: bool) -> RoundOutputs:
