@@ -20,14 +20,14 @@ QUESTIONS = [
     "Explain why the sky is blue.",
 ]
 LONG_NEW_TOKENS = 256
-# ordinary chats: code, math, another language, and a multi-turn conversation with a system prompt
+# ordinary chats: code, a letter, another language, and a multi-turn conversation with a system prompt
 # (SmolLM2's template adds its default system prompt to the others)
 LONG_CHATS = {
     "code": [{"role": "user", "content": "Write a Python class for a singly linked list with insert, delete and "
                                          "search methods. Include docstrings and a short usage example."}],
-    "math": [{"role": "user", "content": "Solve step by step: a train travels 120 km in 1.5 hours, then 200 km in "
-                                         "2.5 hours. What is its average speed over the whole trip? Then compute "
-                                         "17 * 23 + 456 / 8."}],
+    # an fp32 run with TF32 matmuls (XLA's GPU default) leaves transformers at new token 9 (top-2 gap 3.7e-3)
+    "email": [{"role": "user", "content": "Write a polite email to my landlord asking to fix the heating, which "
+                                          "has been broken for 3 days."}],
     "chinese": [{"role": "user", "content": "请用中文介绍一下长城的历史，以及它为什么这么有名。"}],
     "multi-turn": [
         {"role": "system", "content": "You are a friendly travel assistant."},
