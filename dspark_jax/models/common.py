@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -193,17 +194,29 @@ class GatedMLP(nnx.Module):
         return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
+def fp32_matmuls(dtype):
+    """Trace an fp32 model's matmuls at full fp32 ("highest"); other dtypes keep the default.
+
+    XLA's default precision runs fp32 dots as TF32 on recent NVIDIA GPUs (bf16 passes on TPUs),
+    so an fp32 model would silently disagree with fp32 references (PyTorch computes them in fp32)
+    at near-tied logits. CPUs compute fp32 dots in fp32 either way.
+    """
+    return jax.default_matmul_precision("highest") if jnp.dtype(dtype) == jnp.float32 else contextlib.nullcontext()
+
+
 def lm_head_logits(embed_tokens: nnx.Embed, lm_head: nnx.Linear | None, hidden):
     """fp32 logits [..., V] through the output head (the embedding when tied)."""
     weight = embed_tokens.embedding[...] if lm_head is None else lm_head.kernel[...].T
-    return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
+    with fp32_matmuls(weight.dtype):
+        return jnp.einsum("...h,vh->...v", hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
 
 
 def run_layers(layers, x, positions, attn, capture: tuple[int, ...]):
     """Apply decoder layers in order; returns (output, {layer id: raw output of that layer})."""
     captured = {}
-    for i, layer in enumerate(layers):
-        x = layer(x, positions, attn, i)
-        if i in capture:
-            captured[i] = x
+    with fp32_matmuls(x.dtype):
+        for i, layer in enumerate(layers):
+            x = layer(x, positions, attn, i)
+            if i in capture:
+                captured[i] = x
     return x, captured
