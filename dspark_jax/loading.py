@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from dspark_jax.checkpoint.assets import resolve_source
+from dspark_jax.checkpoint.assets import ASSETS, resolve_source
 from dspark_jax.checkpoint.hf import load_hf_target
 from dspark_jax.config import Config, ConfigError, DraftConfig, TargetConfig
 from dspark_jax.checkpoint.deepspec import load_deepspec_draft
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
 from dspark_jax.sharding import create_placed, model_mesh, place_model
-from dspark_jax.tokenizer import load_tokenizer
+from dspark_jax.tokenizer import Tokenizer
+from dspark_jax.tokenizer import load_tokenizer as read_tokenizer
 
 __all__ = ["load_target", "load_draft", "load_tokenizer", "target_folder", "checkpoint_folder"]
 
@@ -26,13 +27,20 @@ def target_folder(path_or_cfg) -> Path | None:
     return resolve_source(path_or_cfg)
 
 
-def checkpoint_folder(cfg: Config, purpose: str) -> Path:
+def checkpoint_folder(cfg, purpose: str) -> Path:
     """The target's checkpoint folder, which `purpose` needs for its tokenizer; random weights are an error."""
     folder = target_folder(cfg)
     if folder is None:
         raise ConfigError(f"{purpose} needs a tokenizer: set target.source to a checkpoint "
                           "(this config builds random weights)")
     return folder
+
+
+def load_tokenizer(path_or_cfg) -> Tokenizer:
+    """The tokenizer of an HF folder, a .gguf file, an asset name (as `load_target` takes), or a config's target."""
+    if isinstance(path_or_cfg, (Config, TargetConfig)) or str(path_or_cfg) in ASSETS:
+        return read_tokenizer(checkpoint_folder(path_or_cfg, "load_tokenizer"))
+    return read_tokenizer(path_or_cfg)
 
 
 def load_target(path_or_cfg, dtype: str | None = None, *, mesh=None):

@@ -144,6 +144,18 @@ def test_smollm2_tokenizer_matches_transformers(tmp_path, oracle, smollm2_gguf, 
                     "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_public_loader_takes_asset_names_and_configs(smollm2_folder):
+    """dj.load_tokenizer takes what dj.load_target takes; a random-weight config has no tokenizer."""
+    import dspark_jax as dj
+    from dspark_jax.config import ConfigError
+
+    by_name = dj.load_tokenizer("smollm2-135m-instruct")
+    assert by_name.encode(TEXTS[0]) == load_tokenizer(smollm2_folder).encode(TEXTS[0])
+    assert dj.load_tokenizer(dj.load_config("smollm2_dspark.py")).source == by_name.source
+    with pytest.raises(ConfigError, match="target.source"):
+        dj.load_tokenizer(dj.load_config("qwen3_4b.py"))
+
+
 def test_template_helpers_and_errors(tmp_path):
     path, _ = tiny_gguf(tmp_path / "tiny.gguf", chat_template=SYNTHETIC_TEMPLATE)
     tok = load_tokenizer(path)
