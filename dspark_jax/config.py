@@ -428,7 +428,7 @@ class ServeConfig(Validated):
     num_pages: int = 0  # KV pages shared by all requests; 0 = enough for max_batch × max_context
     max_waiting: int = 256  # requests waiting for a slot before new ones are refused (HTTP 429)
     warmup: bool = True  # compile every program shape before serving
-    compilation_cache: bool = True  # keep compiled programs on disk (under the cache folder) across runs
+    compilation_cache: bool = True  # keep compiled programs on disk (under the cache folder) across runs, on GPUs
     chat: bool = True  # wrap --prompt in the tokenizer's chat template
     host: str = "127.0.0.1"
     port: int = 8000
