@@ -8,8 +8,8 @@ DSPARK_API_KEY) every route but /health needs `Authorization: Bearer KEY`. SIGTE
 accepting, lets running requests finish for --drain-timeout seconds, then exits.
 
 `--prompt "..."`: one-shot generation with the configured target and draft through the engine:
-prints the completion, then one JSON line of stats (tokens, tokens/s, accepted length when a draft
-is used). A config of random weights has no tokenizer: its prompt is token ids separated by
+prints the completion, then one JSON line of stats (tokens, tokens/s, and with a draft the accepted
+length and each draft position's acceptance rate given every earlier one was accepted). A config of random weights has no tokenizer: its prompt is token ids separated by
 spaces, and the completion prints as token ids.
 
 Serving and --prompt refuse, before anything loads, a target whose weights and decoding state do
@@ -174,7 +174,8 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
     }
     if draft is not None:
         stats.update(acceptance_length=round(took.acceptance_length or 0.0, 3), rounds=took.rounds,
-                     verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler)
+                     verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler,
+                     position_acceptance=[round(p, 3) for p in engine.metrics.position_acceptance()])
     return stats
 
 

@@ -258,6 +258,8 @@ def test_a_warm_engine_does_not_compile_on_new_traffic(target, dspark, compile_c
     assert metrics("dspark_generation_tokens_total") == 2 + sum(m for _, m in SHAPES) + sum(m for _, m in SHAPES[2:5])
     reached = metrics("dspark_position_reached_total", {"position": "1"})
     assert reached > 0 and metrics("dspark_position_accepted_total", {"position": "1"}) <= reached
+    rates = engine.metrics.position_acceptance()  # what `serve --prompt` prints
+    assert 1 <= len(rates) <= GAMMA and rates[0] == metrics("dspark_position_accepted_total", {"position": "1"}) / reached
     assert_pool_whole(engine)
     engine.shutdown(1.0)
 

@@ -63,3 +63,7 @@ class EngineMetrics:
                 self._accepted[k] += 1
                 self.accepted.labels(position).inc()
             self.acceptance_rate.labels(position).set(self._accepted[k] / self._reached[k])
+
+    def position_acceptance(self) -> list[float]:
+        """Accepted / reached per draft position since start, up to the last position any round reached."""
+        return [a / r for a, r in zip(self._accepted, self._reached) if r]
