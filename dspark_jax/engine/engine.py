@@ -39,8 +39,8 @@ log = logging.getLogger("dspark_jax.engine")
 def use_compilation_cache() -> None:
     """Keep compiled programs on disk under the cache folder, unless a JAX cache folder is set already.
 
-    GPU backends only: with XLA:CPU (jax 0.11.2) processes sharing the cache folder crashed (segfaults while
-    compiling and while reading an entry back), and CPU compiles are short enough not to need it.
+    GPU backends only: with XLA:CPU (jax 0.11.2) a process once segfaulted reading an entry back (CI, two
+    workers sharing the folder), and CPU compiles are short enough not to need it.
     """
     if jax.default_backend() == "cpu":
         log.info("compilation cache: off on the CPU backend")
