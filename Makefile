@@ -22,9 +22,11 @@ PYTEST_ARGS ?=
 run: .venv/.installed
 	.venv/bin/python -m dspark_jax.serve --config $(CONFIG) --prompt "$(PROMPT)"
 
+# --max-worker-restart=0: a crashed worker fails the run at once (xdist's replacement worker can
+# leave the run waiting forever under our scheduler).
 test: .venv/.installed .venv-oracle/.installed
 	DSPARK_ORACLE_PYTHON=.venv-oracle/bin/python DSPARK_REQUIRE_ORACLE=1 \
-		.venv/bin/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS) tests
+		.venv/bin/python -m pytest -n 2 --max-worker-restart=0 --durations=15 $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf .venv .venv-oracle .pytest_cache

@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# Each XLA:CPU executable keeps ~17 memory mappings until it is freed, and a test worker compiles
+# thousands of programs: past the kernel's vm.max_map_count (65530 by default) LLVM's next mmap fails
+# ("LLVM compilation error: Cannot allocate memory") and the worker segfaults. Dropping JAX's caches
+# when the count nears the limit frees them (the few tests after it recompile what they need).
+MAP_COUNT_LIMIT = Path("/proc/sys/vm/max_map_count")
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if not MAP_COUNT_LIMIT.exists():
+        return
+    with open("/proc/self/maps", "rb") as maps:
+        in_use = sum(1 for _ in maps)
+    if in_use > int(MAP_COUNT_LIMIT.read_text()) // 2:
+        jax.clear_caches()
+
+
 def pytest_xdist_make_scheduler(config, log):
     """`-n N` as usual, except that a server test module (test_server*.py) runs whole on one worker,
     which then starts its server process once. (`--dist loadgroup` with an xdist_group mark would
