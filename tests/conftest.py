@@ -132,21 +132,38 @@ def randomize_params(model, seed: int, *, scale: float = 1.0):
     """Replace every parameter by a non-degenerate random value (norms near 1, matrices ~1/sqrt(fan_in)).
 
     `model` may be abstract (`nnx.eval_shape`): building from shapes compiles no initialisers.
+    A fused parameter (q/k/v, gate/up) is drawn part by part as the separate tensors it is stored
+    as, in the order those would have as parameters of their own, so a seed gives the same model
+    as when the parts were separate parameters.
     """
+    from dspark_jax.checkpoint.tensors import stored_parts
+
     rng = np.random.default_rng(seed)
     graphdef, state = nnx.split(model)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        value = var.get_value()  # an array, or a ShapeDtypeStruct of an abstract model
-        if not isinstance(var, nnx.Param):
-            flat.append((path, var))
-            continue
-        if value.ndim == 1 and ("norm" in ".".join(map(str, path)) or path[-1] == "layer_scalar"):
-            new = 1.0 + 0.2 * rng.standard_normal(value.shape)
-        elif value.ndim == 1:
-            new = 0.1 * rng.standard_normal(value.shape)
+    flat = nnx.to_flat_state(state)
+    draws = []  # (stored path, parameter index, part index, shape)
+    for i, (path, var) in enumerate(flat):
+        if isinstance(var, nnx.Param):
+            draws += [(part_path, i, j, shape) for j, (part_path, shape) in enumerate(stored_parts(path, var))]
+    # NNX flattens in sorted path order (list indices as numbers); separate parts would sit there.
+    draws.sort(key=lambda d: tuple((isinstance(p, str), p) for p in d[0]))
+    values = {}
+    for part_path, i, j, shape in draws:
+        if len(shape) == 1 and ("norm" in ".".join(map(str, part_path)) or part_path[-1] == "layer_scalar"):
+            new = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            new = 0.1 * rng.standard_normal(shape)
         else:
-            fan_in = value.shape[0] if path[-1] == "kernel" else value.shape[-1]
-            new = scale * rng.standard_normal(value.shape) / np.sqrt(fan_in)
-        flat.append((path, var.replace(jnp.asarray(new, value.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+            fan_in = shape[0] if part_path[-1] == "kernel" else shape[-1]
+            new = scale * rng.standard_normal(shape) / np.sqrt(fan_in)
+        values.setdefault(i, {})[j] = new
+    out = []
+    for i, (path, var) in enumerate(flat):
+        if i not in values:
+            out.append((path, var))
+            continue
+        value = var.get_value()  # an array, or a ShapeDtypeStruct of an abstract model
+        parts = var.get_metadata().get("tensor_parts")
+        new = values[i][0] if parts is None else parts.join([values[i][j] for j in range(len(values[i]))], value.shape)
+        out.append((path, var.replace(jnp.asarray(new, value.dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(out))

@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dspark_jax.checkpoint.hf import CheckpointError, arch_from_hf_config, load_hf_target, save_hf_target
@@ -33,8 +34,9 @@ def edit_tensors(folder, fn):
 def test_round_trip_is_exact(folder):
     model = create_target(ARCH, dtype="float32")
     loaded = load_hf_target(folder, dtype="float32")
-    np.testing.assert_array_equal(np.asarray(loaded.layers[1].mlp.down_proj.kernel[...]),
-                                  np.asarray(model.layers[1].mlp.down_proj.kernel[...]))
+    for (path, ours), (_, theirs) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
+        # every parameter, the fused q/k/v and gate/up included
+        np.testing.assert_array_equal(np.asarray(theirs[...]), np.asarray(ours[...]), err_msg=".".join(map(str, path)))
 
 
 def test_missing_tensor_is_named(folder):
@@ -52,6 +54,14 @@ def test_unexpected_tensor_is_named(folder):
 def test_misshaped_tensor_is_named(folder):
     edit_tensors(folder, lambda t: t.__setitem__("model.norm.weight", np.ones((31,), np.float32)))
     with pytest.raises(CheckpointError, match=r"model.norm.weight: checkpoint \[31\], expected \[32\]"):
+        load_hf_target(folder)
+
+
+def test_misshaped_part_of_a_fused_parameter_is_named(folder):
+    # v_proj [KVH·D = 16, 32] is one part of the fused qkv parameter.
+    edit_tensors(folder, lambda t: t.__setitem__("model.layers.0.self_attn.v_proj.weight", np.ones((8, 32), np.float32)))
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensors \(1\): \['model.layers.0.self_attn.v_proj.weight: "
+                                              r"checkpoint \[8, 32\], expected \[16, 32\]'\]"):
         load_hf_target(folder)
 
 
@@ -80,6 +90,6 @@ def test_missing_config_and_unknown_model_type(tmp_path, folder):
 
 
 def test_loaded_dtype(folder):
-    assert load_hf_target(folder, dtype="bfloat16").layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert load_hf_target(folder, dtype="bfloat16").layers[0].self_attn.qkv_proj.kernel[...].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"dtype='int8'; expected one of"):
         load_hf_target(folder, dtype="int8")

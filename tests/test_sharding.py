@@ -204,8 +204,12 @@ def _loading(out: dict, folder: str):
     model = randomize_params(create_target(ARCH, dtype="float32"), seed=8)
     loaded = load_target(save_hf_target(model, os.path.join(folder, "llama")), dtype="float32", mesh=mesh)
     kernel = loaded.layers[1].mlp.down_proj.kernel[...]
+    qkv, gate_up = loaded.layers[1].self_attn.qkv_proj.kernel[...], loaded.layers[1].mlp.gate_up_proj.kernel[...]
     out["hf"] = dict(equal=same(model, loaded), down_spec=str(kernel.sharding.spec),
-                     down_block=list(kernel.addressable_shards[0].data.shape))
+                     down_block=list(kernel.addressable_shards[0].data.shape),
+                     qkv_spec=str(qkv.sharding.spec), qkv_block=list(qkv.addressable_shards[0].data.shape),
+                     gate_up_spec=str(gate_up.sharding.spec),
+                     gate_up_block=list(gate_up.addressable_shards[0].data.shape))
     # Random weights initialised in their shards: the same values as one device's jitted initialisation
     # (and within rounding of the eager one, whose normal transform XLA fuses differently).
     placed = load_target(TargetConfig(arch=ARCH, dtype="float32", seed=2), mesh=mesh)
@@ -272,17 +276,17 @@ def test_parameters_and_caches_are_split_as_the_rules_say(on_8_devices):
     target, draft = run["target_specs"], run["draft_specs"]
     attn, mlp = "layers.0.self_attn", "layers.1.mlp"
     expected = {
-        f"{attn}.q_proj.kernel": "P(None, 'tensor')", f"{attn}.k_proj.kernel": "P(None, 'tensor')",
-        f"{attn}.v_proj.kernel": "P(None, 'tensor')", f"{attn}.o_proj.kernel": "P('tensor', None)",
-        f"{attn}.q_norm.weight": "P()", f"{mlp}.gate_proj.kernel": "P(None, 'tensor')",
-        f"{mlp}.up_proj.kernel": "P(None, 'tensor')", f"{mlp}.down_proj.kernel": "P('tensor', None)",
+        # q/k/v [in, KVH, G+2, D] split by KV head; gate/up [in, 2, intermediate] by columns.
+        f"{attn}.qkv_proj.kernel": "P(None, 'tensor', None, None)", f"{attn}.o_proj.kernel": "P('tensor', None)",
+        f"{attn}.q_norm.weight": "P()", f"{mlp}.gate_up_proj.kernel": "P(None, None, 'tensor')",
+        f"{mlp}.down_proj.kernel": "P('tensor', None)",
         "embed_tokens.embedding": "P('tensor', None)", "lm_head.kernel": "P(None, 'tensor')", "norm.weight": "P()",
         "layers.0.input_layernorm.weight": "P()",
     }
     assert {k: target[k] for k in expected} == expected
     assert draft["markov_head.markov_w1.embedding"] == "P('tensor', None)"
     assert draft["markov_head.markov_w2.kernel"] == "P(None, 'tensor')"
-    assert draft["fc.kernel"] == "P(None, None)" and draft["layers.0.self_attn.k_proj.kernel"] == "P(None, 'tensor')"
+    assert draft["fc.kernel"] == "P(None, None)" and draft["layers.0.self_attn.qkv_proj.kernel"] == "P(None, 'tensor', None, None)"
     # The draft's context cache: 8 KV heads, one per device.
     assert run["draft_cache"] == ["P(None, None, 'tensor', None)", [4, 16, 1, 8]]
 
@@ -308,6 +312,10 @@ def test_deepseek_v4_experts_and_heads_split_equal_one_device(on_8_devices):
 def test_checkpoints_load_straight_into_their_shards(on_8_devices):
     hf, random, v4 = on_8_devices["hf"], on_8_devices["random"], on_8_devices["v4_checkpoint"]
     assert hf["equal"] and hf["down_spec"] == "P('tensor', None)" and hf["down_block"] == [16, 32]
+    # Fused parameters joined from q/k/v and gate/up tensors block by block: 2 of 8 KV heads (with their
+    # 2 query heads each) and 16 of 64 MLP columns per tensor device.
+    assert hf["qkv_spec"] == "P(None, 'tensor', None, None)" and hf["qkv_block"] == [32, 2, 4, 8]
+    assert hf["gate_up_spec"] == "P(None, None, 'tensor')" and hf["gate_up_block"] == [32, 2, 16]
     assert random["equal"] and random["eager_error"] < 1e-7 and random["embed_spec"] == "P('tensor', None)"
     # FP4 codes of w2 [8 experts, 32, 16 bytes]: one expert per device, read from the checkpoint bytes.
     assert v4["equal"] and v4["codes_spec"] == "P(('expert', 'tensor'), None, None)"
@@ -358,7 +366,7 @@ def test_dry_run_reports_bytes_from_the_real_partitioning(capsys):
     cfg = load_config("qwen3_4b.py")
     sizes = dry_run(cfg, devices=8, batch=4, context=1024, device_memory_gib=80)
     model = abstract_target(cfg.target.arch, dtype=cfg.target.dtype)
-    split = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head")
+    split = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "embed_tokens", "lm_head")
     expected = 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
         nbytes = var.size * var.dtype.itemsize

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from dspark_jax.checkpoint.gguf_tokenizer import eos_token_ids, read_metadata, tokenizer_from_metadata
 from dspark_jax.checkpoint.hf import CheckpointError, arch_to_hf_config, atomic_folder, hf_tensor_name
+from dspark_jax.checkpoint.tensors import stored_parts
 from dspark_jax.config import ConfigError, LlamaArch
 from dspark_jax.models import abstract_target
 
@@ -112,14 +113,14 @@ def placements(arch: LlamaArch) -> dict[str, Placement]:
     rotary = {gguf.MODEL_TENSOR.ATTN_Q: arch.num_heads, gguf.MODEL_TENSOR.ATTN_K: arch.num_kv_heads}
     model = abstract_target(arch, dtype="float32")
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    stored = [part for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)) for part in stored_parts(path, var)]
+    for path, shape in stored:
         name, transposed = hf_tensor_name(path)
         found = table.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise CheckpointError(f"no GGUF tensor name for parameter {name}")
         kind, gguf_name = found
-        shape = tuple(reversed(var.shape)) if transposed else tuple(var.shape)
-        out[gguf_name] = Placement(name, shape, rotary.get(kind, 0))
+        out[gguf_name] = Placement(name, tuple(reversed(shape)) if transposed else shape, rotary.get(kind, 0))
     return out
 
 

@@ -1,8 +1,11 @@
 """HF model folders: config.json + safetensors (single file or sharded with an index).
 
-Our module paths mirror HF names: `layers.3.self_attn.q_proj.kernel` ↔ `model.layers.3.self_attn.
-q_proj.weight` (transposed: HF Linear weights are [out, in]), `embed_tokens.embedding` ↔
-`model.embed_tokens.weight`, top-level `lm_head` without the `model.` prefix. A multimodal Gemma 4
+Our module paths mirror HF names: `layers.3.self_attn.o_proj.kernel` ↔ `model.layers.3.self_attn.
+o_proj.weight` (transposed: HF Linear weights are [out, in]), `embed_tokens.embedding` ↔
+`model.embed_tokens.weight`, top-level `lm_head` without the `model.` prefix. A fused parameter
+(`self_attn.qkv_proj`, `mlp.gate_up_proj`) is stored as its parts' tensors under their own names
+(`q_proj`, `k_proj`, `v_proj`; `gate_proj`, `up_proj`): loading joins them, saving splits them
+(`stored_parts` in tensors.py). A multimodal Gemma 4
 checkpoint (`gemma4`) keeps the same text names under `model.language_model.` instead.
 """
 
@@ -20,7 +23,8 @@ from safetensors.flax import save_file
 
 from dspark_jax.checkpoint.deepseek_v4 import arch_from_config, arch_to_config, load_v4_target
 from dspark_jax import sharding
-from dspark_jax.checkpoint.tensors import CheckpointError, TensorSource, atomic_folder, read_config_json, to_device
+from dspark_jax.checkpoint.tensors import (CheckpointError, JoinedParts, TensorSource, atomic_folder, read_config_json,
+                                          stored_arrays, stored_parts, to_device)
 from dspark_jax.config import (ConfigError, DeepseekV4Arch, Gemma4Arch, LlamaArch, RopeScaling, TargetArch,
                                gemma4_default_layer_types)
 from dspark_jax.models import abstract_target
@@ -347,22 +351,27 @@ def fill_params(abstract_model, source: TensorSource, *, dtype,
     missing, misshaped, filled = [], [], []
     used = set()
     for path, var in flat:
-        name, transpose = name_of(path)
-        if name not in source.location:
-            missing.append(name)
+        stored, arrays = stored_parts(path, var), []
+        for part_path, part_shape in stored:
+            name, transpose = name_of(part_path)
+            if name not in source.location:
+                missing.append(name)
+                continue
+            shape = source.shape(name)
+            expected = tuple(reversed(part_shape)) if transpose else part_shape
+            if shape != expected:
+                misshaped.append(f"{name}: checkpoint {list(shape)}, expected {list(expected)}")
+                continue
+            array = source.view(name)
+            arrays.append(array.T if transpose else array)
+            used.add(name)
+        if len(arrays) < len(stored):  # reported below
             filled.append((path, var))
             continue
-        shape = source.shape(name)
-        expected = tuple(reversed(var.shape)) if transpose else tuple(var.shape)
-        if shape != expected:
-            misshaped.append(f"{name}: checkpoint {list(shape)}, expected {list(expected)}")
-            filled.append((path, var))
-            continue
-        array = source.view(name)
+        parts = var.get_metadata().get("tensor_parts")
+        array = arrays[0] if parts is None else JoinedParts(parts, arrays, tuple(var.shape))
         target_dtype = dtype if jnp.issubdtype(var.dtype, jnp.floating) else var.dtype
-        filled.append((path, var.replace(to_device(array.T if transpose else array, target_dtype,
-                                                   shardings.get(path)))))
-        used.add(name)
+        filled.append((path, var.replace(to_device(array, target_dtype, shardings.get(path)))))
     unexpected = sorted(n for n in source.names() - used
                         if not n.endswith(IGNORED_SUFFIXES) and not optional(n))
     problems = []
@@ -392,12 +401,12 @@ def load_hf_target(folder: str | Path, *, dtype="bfloat16", mesh=None):
 
 
 def model_tensors(model, name_of: Callable[[tuple], tuple[str, bool]] = hf_tensor_name) -> dict[str, jax.Array]:
-    """Our parameters under HF names and layouts."""
+    """Our parameters under HF names and layouts (fused parameters split back into their parts)."""
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transpose = name_of(path)
-        value = var[...]
-        out[name] = jnp.asarray(value.T if transpose else value)
+        for (part_path, _), value in zip(stored_parts(path, var), stored_arrays(var, var[...])):
+            name, transpose = name_of(part_path)
+            out[name] = jnp.asarray(value.T if transpose else value)
     return out
 
 

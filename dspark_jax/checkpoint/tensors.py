@@ -94,11 +94,46 @@ class TensorSource:
         return self._open[f]
 
 
-def to_device(array: np.ndarray, dtype, sharding=None) -> jax.Array:
-    """A host array (or memory map) as a device array of `dtype`: whole on the default device, or with
-    `sharding` built block by block, each device reading only its own block of `array`."""
+def stored_parts(path: tuple, var) -> list[tuple[tuple, tuple[int, ...]]]:
+    """[(module path, shape)] of the tensors a parameter is stored as in checkpoints: itself, or, for a
+    fused parameter (`tensor_parts` metadata, see models.common.TensorParts), each of its parts under
+    its own sibling module name (`...self_attn.qkv_proj.kernel` -> `...self_attn.q_proj.kernel`, ...)."""
+    parts = var.get_metadata().get("tensor_parts")
+    if parts is None:
+        return [(tuple(path), tuple(var.shape))]
+    *module, _, leaf = path
+    return [((*module, name, leaf), shape) for name, shape in zip(parts.names, parts.part_shapes(tuple(var.shape)))]
+
+
+def stored_arrays(var, value) -> list:
+    """`value` of a parameter as the arrays `stored_parts` names (split back into its parts if fused)."""
+    parts = var.get_metadata().get("tensor_parts")
+    return [value] if parts is None else parts.split(value)
+
+
+class JoinedParts:
+    """A fused parameter's value over its parts' host arrays (memory maps), joined lazily: indexing
+    reads only the indexed block of each part, so a device loads just its own shard."""
+
+    def __init__(self, parts, arrays: list, shape: tuple[int, ...]):
+        self.shape = shape
+        self.parts = [parts.unflatten(a, i, shape) for i, a in enumerate(arrays)]
+
+    def __getitem__(self, index):
+        index = (index,) if not isinstance(index, tuple) else index
+        if index == (Ellipsis,):
+            index = ()
+        index = index + (slice(None),) * (len(self.shape) - len(index))
+        every_slot = index[:-2] + (slice(None), index[-1])
+        joined = np.concatenate([np.asarray(p[every_slot]) for p in self.parts], axis=-2)
+        return joined[..., index[-2], :]
+
+
+def to_device(array, dtype, sharding=None) -> jax.Array:
+    """A host array (a memory map, `JoinedParts`) as a device array of `dtype`: whole on the default
+    device, or with `sharding` built block by block, each device reading only its own block of `array`."""
     if sharding is None:
-        return jnp.asarray(array, dtype)
+        return jnp.asarray(array[...], dtype)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype))
 
 

@@ -1,12 +1,14 @@
-"""Building blocks shared by the target families: norms, rotary embeddings, gated MLPs."""
+"""Building blocks shared by the target families: norms, rotary embeddings, fused projections, gated MLPs."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dspark_jax import kernels
@@ -38,6 +40,68 @@ def linear(in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.
     return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype,
                       kernel_init=normal_init(), kernel_metadata=logical(*axes), bias_metadata=logical(axes[1]),
                       rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorParts:
+    """How a fused parameter is stored in checkpoints: as separate tensors, one per part.
+
+    The parameter's axes from `first` on are [*groups, slots, features]; part i (the sibling
+    module `names[i]`, e.g. `q_proj` next to `qkv_proj`) holds `slots[i]` consecutive slots of every
+    group, and its own tensor flattens those axes group-major: [..., groups·slots[i]·features]
+    (HF's output order). `first` is 1 for a kernel [in, ...], 0 for a bias. Loaders join the parts
+    and exporters split them back by this rule (dspark_jax.checkpoint.tensors).
+    """
+
+    names: tuple[str, ...]
+    slots: tuple[int, ...]
+    first: int
+
+    def part_shapes(self, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Each part's own (flattened) shape, for a fused parameter of `shape`."""
+        lead, groups, features = shape[:self.first], shape[self.first:-2], shape[-1]
+        return [(*lead, math.prod(groups) * n * features) for n in self.slots]
+
+    def unflatten(self, part, index: int, shape: tuple[int, ...]):
+        """Part `index` [..., groups·slots·features] as [..., *groups, slots, features] (a view where possible)."""
+        return part.reshape(*part.shape[:-1], *shape[self.first:-2], self.slots[index], shape[-1])
+
+    def join(self, parts, shape: tuple[int, ...]):
+        """The fused parameter (numpy) of its parts' arrays, each in its own shape."""
+        return np.concatenate([self.unflatten(np.asarray(p), i, shape) for i, p in enumerate(parts)], axis=-2)
+
+    def split(self, value) -> list:
+        """The parts' arrays, each in its own shape, of a fused parameter's value."""
+        bounds = [sum(self.slots[:i]) for i in range(len(self.slots) + 1)]
+        lead = value.shape[:self.first]
+        return [value[..., lo:hi, :].reshape(*lead, -1) for lo, hi in zip(bounds, bounds[1:])]
+
+
+class FusedLinear(nnx.Module):
+    """Projections of one input stored as ONE kernel [in, *groups, slots, features]: one matmul for all.
+
+    `parts` = ((checkpoint module name, slots), ...) in slot order (see TensorParts); q/k/v fuse as
+    groups (KVH,), slots (G, 1, 1), so a mesh splitting the groups holds whole KV heads with their
+    query heads. `axes`: the logical axes of (*groups, slots, features); the bias follows them.
+    """
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], *, features: int,
+                 groups: tuple[int, ...] = (), bias: bool, dtype, rngs: nnx.Rngs,
+                 axes: tuple[str | None, ...]):
+        names, slots = zip(*parts)
+        shape = (*groups, sum(slots), features)
+        self.kernel = nnx.Param(normal_init()(rngs.params(), (in_features, *shape), dtype),
+                                tensor_parts=TensorParts(names, slots, first=1), **logical(None, *axes))
+        self.bias = nnx.Param(jnp.zeros(shape, dtype), tensor_parts=TensorParts(names, slots, first=0),
+                              **logical(*axes)) if bias else None
+
+    def __call__(self, x: jax.Array, slots: slice | None = None) -> jax.Array:
+        """x [..., in] -> [..., *groups, slots, features]; `slots` computes only that range (e.g. K and V)."""
+        kernel = self.kernel[...] if slots is None else self.kernel[..., slots, :]
+        y = jax.lax.dot_general(x.astype(kernel.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.bias is not None:
+            y = y + (self.bias[...] if slots is None else self.bias[..., slots, :])
+        return y
 
 
 def embedding(vocab: int, features: int, *, dtype, rngs: nnx.Rngs) -> nnx.Embed:
@@ -179,19 +243,20 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nnx.Module):
-    """down(act(gate(x)) * up(x))."""
+    """down(act(gate(x)) * up(x)), gate and up as one fused kernel [hidden, 2, intermediate]."""
 
     def __init__(self, hidden: int, intermediate: int, *, act: str, bias: bool = False, dtype, rngs):
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={act!r}; expected one of {list(ACTIVATIONS)}")
         self.act = act
         # Column-split gate/up and row-split down: one all-reduce per MLP on a tensor mesh.
-        self.gate_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
-        self.up_proj = linear(hidden, intermediate, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "mlp"))
+        self.gate_up_proj = FusedLinear(hidden, (("gate_proj", 1), ("up_proj", 1)), features=intermediate, bias=bias,
+                                        dtype=dtype, rngs=rngs, axes=(None, "mlp"))
         self.down_proj = linear(intermediate, hidden, bias=bias, dtype=dtype, rngs=rngs, axes=("mlp", None))
 
     def __call__(self, x):
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(ACTIVATIONS[self.act](gate_up[..., 0, :]) * gate_up[..., 1, :])
 
 
 def fp32_matmuls(dtype):

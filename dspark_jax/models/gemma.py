@@ -9,8 +9,9 @@ What sets it apart from the Llama family, all as HF transformers' `gemma4_text` 
 - sandwich norms around attention and MLP, a gelu-tanh gated MLP, and a learned per-layer scalar
   that multiplies the whole residual stream after the layer;
 - logits are soft-capped: cap * tanh(logits / cap).
-Module names mirror HF's (`layers.N.self_attn.q_proj`, `layers.N.layer_scalar`, ...) so
-checkpoints map by rule.
+Module names mirror HF's (`layers.N.self_attn.o_proj`, `layers.N.layer_scalar`, ...) so
+checkpoints map by rule; q/k(/v) and gate/up are fused parameters stored as HF's separate tensors
+(see `FusedLinear`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.config import Gemma4Arch
-from dspark_jax.models.common import (GatedMLP, RMSNorm, apply_rope, embedding, linear, lm_head_logits,
+from dspark_jax.models.common import (FusedLinear, GatedMLP, RMSNorm, apply_rope, embedding, linear, lm_head_logits,
                                       proportional_rope_inv_freq, run_layers)
 
 
@@ -37,22 +38,25 @@ class Gemma4Attention(nnx.Module):
         self.rope_theta = arch.rope_theta_sliding if sliding else arch.rope_theta_full
         self.partial_rotary_factor = arch.partial_rotary_factor_sliding if sliding else arch.partial_rotary_factor_full
         hidden, bias = arch.hidden_size, arch.attention_bias
-        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = linear(hidden, q_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "heads"))
-        self.k_proj = linear(hidden, kv_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
-        self.v_proj = None if arch.attention_k_eq_v and not sliding else linear(
-            hidden, kv_dim, bias=bias, dtype=dtype, rngs=rngs, axes=(None, "kv_heads"))
-        self.o_proj = linear(q_dim, hidden, bias=bias, dtype=dtype, rngs=rngs, axes=("heads", None))
+        self.group = self.num_heads // self.num_kv_heads  # query heads per KV head
+        # K=V layers have no v_proj: their values are the raw key projection, so the kernel has G+1 slots.
+        self.k_eq_v = arch.attention_k_eq_v and not sliding
+        parts = (("q_proj", self.group), ("k_proj", 1)) + (() if self.k_eq_v else (("v_proj", 1),))
+        self.qkv_proj = FusedLinear(hidden, parts, groups=(self.num_kv_heads,), features=self.head_dim, bias=bias,
+                                    dtype=dtype, rngs=rngs, axes=("kv_heads", None, None))
+        self.o_proj = linear(self.num_heads * self.head_dim, hidden, bias=bias, dtype=dtype, rngs=rngs,
+                             axes=("heads", None))
         self.q_norm = _norm(self.head_dim, arch, dtype)
         self.k_norm = _norm(self.head_dim, arch, dtype)
         self.v_norm = _norm(self.head_dim, arch, dtype, with_scale=False)
 
     def __call__(self, x, positions, attn, layer: int):
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [..., KVH, G+2 (G+1 when K=V), D]
+        q = qkv[..., :self.group, :].reshape(*lead, self.num_heads, self.head_dim)
+        k = qkv[..., self.group, :]
         # K=V layers take the values from the key projection before its norm and rotation.
-        v = k if self.v_proj is None else self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        v = k if self.k_eq_v else qkv[..., self.group + 1, :]
         inv_freq = proportional_rope_inv_freq(self.head_dim, self.rope_theta, self.partial_rotary_factor)
         q = apply_rope(self.q_norm(q), positions, inv_freq)
         k = apply_rope(self.k_norm(k), positions, inv_freq)
