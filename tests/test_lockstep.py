@@ -10,6 +10,9 @@ test_server_multihost.py.
 from __future__ import annotations
 
 import collections
+import queue
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +149,49 @@ def test_divergence_is_caught_before_the_next_step(target):
     lead_sync.send("idle", lead)
     with pytest.raises(Divergence, match="retires request r0"):
         follow_sync.receive(follow)
+
+
+def test_engines_in_lockstep_serve_cancel_idle_and_stop_together(target):
+    """A leader Engine and a follower Engine (on a thread) connected directly: requests, a cancel, an
+    idle heartbeat and the shutdown all reach the follower, whose replay never diverges."""
+    syncs, seen = queue.Queue(), []
+
+    def leader_end(data):
+        syncs.put(data)
+        return data
+
+    def follower_end(data):
+        data = syncs.get(timeout=60)  # a leader that stops talking fails the test, not hangs it
+        seen.append(decode(data).action)
+        return data
+
+    config = EngineConfig(max_batch=2, max_context=64, page_size=16, num_pages=3, prefill_chunk=16, warmup=False,
+                          compilation_cache=False, kernels="xla")  # the Cores above: their programs compiled
+    leader, follower = Engine(target, None, config=config), Engine(target, None, config=config)
+    leader._lockstep = Lockstep(True, leader_end)
+    follower.leader, follower._lockstep = False, Lockstep(False, follower_end)
+    failure = []
+
+    def follow():
+        try:
+            follower.follow()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            failure.append(e)
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    leader.start()
+    handles = [leader.submit(np.arange(n) * (i + 1) % 60, RequestParams(max_tokens=m, temperature=0.7, top_k=5, top_p=0.9, seed=i))
+               for i, (n, m) in enumerate([(10, 14), (12, 14), (5, 6), (20, 8)])]
+    handles[2].cancel()
+    finals = [list(h)[-1] for h in handles]
+    assert [f.finish_reason for f in finals] == ["length", "length", "abort", "length"]
+    time.sleep(1.5)  # idle: a heartbeat
+    leader.shutdown(drain_timeout=5)
+    thread.join(timeout=60)
+    assert not thread.is_alive() and not failure, failure
+    assert seen[-1] == "stop" and "idle" in seen and seen.count("step") > 10
+    assert not follower.scheduler.has_work() and not follower._lockstep._requests
 
 
 def test_one_process_is_the_leader_and_cannot_follow(target):
