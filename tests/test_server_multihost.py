@@ -14,6 +14,7 @@ import concurrent.futures
 import socket
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -84,10 +85,13 @@ def test_two_processes_serve_greedy_decoding_and_stop_together(job):
     target = dj.load_target(dj.load_config(leader.config))
     expected = dj.generate(target, None, PROMPTS, max_new_tokens=MAX_TOKENS, kernels="xla").tokens
     assert got == expected, logs(job)
+    health = httpx.get(leader.url + "/health", timeout=30).json()
+    assert health["compiles_after_warmup"] == 0, logs(job)  # the warm-up compiled every program on the mesh
 
     # process 0 drains and stops; process 1 hears it and exits by itself
     start = time.monotonic()
     assert leader.stop(timeout=60) == 0, logs(job)
     assert follower.proc.wait(timeout=60) == 0, logs(job)
     assert time.monotonic() - start < 60
-    assert "listening" not in follower.log.read_text()
+    follower_log = follower.log.read_text()
+    assert "listening" not in follower_log and "compiled after warm-up" not in follower_log
