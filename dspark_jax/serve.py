@@ -25,7 +25,10 @@ The mesh: `serve.mesh` = (data, tensor, expert) sizes, or N devices all on "tens
 `--devices N`; one device without either. A mesh that does not divide the model is refused.
 With a mesh the target is loaded straight onto it (the first devices of every process; a
 multi-process job — JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / Open
-MPI — is joined first, and every process runs the same command).
+MPI — is joined first, and every process runs the same command). Process 0 then serves (opens the
+HTTP port, or generates and prints the --prompt's completion); the others open nothing, run
+process 0's engine steps in lockstep (dspark_jax.engine.lockstep) and exit 0 when it stops. A
+SIGTERM to one of them is ignored: it stops with process 0, which drains on its own SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -118,8 +123,8 @@ def prompt_ids(tokenizer, cfg: Config, prompt: str) -> list[int]:
 
 
 def device_memory_gib() -> float:
-    """Memory of one device (host memory for the CPU backend), in GiB."""
-    stats = jax.devices()[0].memory_stats()
+    """Memory of one of this process's devices (host memory for the CPU backend), in GiB."""
+    stats = jax.local_devices()[0].memory_stats()  # another process's devices tell nothing
     if stats and "bytes_limit" in stats:
         return stats["bytes_limit"] / 2 ** 30
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
@@ -138,7 +143,18 @@ def ensure_fits(cfg: Config, *, batch: int, context: int, devices: int) -> None:
             f"{jax.devices()[0].device_kind} device(s) of {memory:.1f} GiB (serve --dry-run shows the sizes)")
 
 
-def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
+def follow(engine: Engine) -> None:
+    """A process but 0 of a multi-process job: run process 0's engine steps until it stops."""
+    logging.basicConfig(level="INFO", format=f"%(levelname)s:     [process {jax.process_index()}] %(name)s: %(message)s")
+    log = logging.getLogger("dspark_jax.serve")
+    # Dying on a job-wide SIGTERM would leave process 0 draining inside collectives nobody joins.
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: this process stops when process 0 does"))
+    engine.follow()
+    log.info("process 0 stopped; exiting")
+
+
+def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict | None:
+    """Generate the completion of `prompt` and print it; its stats (None on a follower process)."""
     folder = target_folder(cfg)
     tokenizer = load_tokenizer(folder) if folder is not None else None
     ids = prompt_ids(tokenizer, cfg, prompt)
@@ -153,6 +169,9 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict:
     draft = load_draft(cfg, target)
     engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
                     config=config)
+    if not engine.leader:
+        follow(engine)
+        return None
     engine.start()
     try:
         new = []
@@ -192,10 +211,17 @@ def run_http(cfg: Config, args: argparse.Namespace) -> int:
     draft = load_draft(cfg, target)
     engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
                     config=EngineConfig.from_serve(cfg.serve))
+    if not engine.leader:
+        follow(engine)
+        return 0
     name = args.served_model_name or Path(cfg.target.source).name or Path(args.config).stem
     served = ServedModel(name=name, tokenizer=tokenizer, vocab_size=target.arch.vocab_size,
                          max_context=cfg.serve.max_context, defaults=cfg.serve)
     app = create_app(engine, served, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    if jax.process_count() > 1:
+        # uvicorn raises the SIGTERM it handled again once it has shut down: by default that would kill
+        # process 0 before it leaves the job (jax.distributed.shutdown at exit), and the others with it
+        signal.signal(signal.SIGTERM, lambda *_: None)
     return run_server(app, host=args.host or cfg.serve.host, port=cfg.serve.port if args.port is None else args.port,
                       drain_timeout=args.drain_timeout)
 
@@ -262,7 +288,9 @@ def main(argv=None) -> int:
             return 0
         if args.prompt is None:
             return run_http(cfg, args)
-        print(json.dumps(run_prompt(cfg, args.prompt, args.devices)), flush=True)
+        stats = run_prompt(cfg, args.prompt, args.devices)
+        if stats is not None:
+            print(json.dumps(stats), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

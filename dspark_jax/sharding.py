@@ -26,7 +26,8 @@ inputs' shardings, so the next step reuses the same compiled program.
 
 Several hosts: `initialize_distributed()` joins the job the environment describes; every process
 runs the same program over the global mesh. The engine's request loop runs on process 0
-(`is_leader()`), which hands each step's batch to the others with `broadcast_from_leader`.
+(`is_leader()`); each step it hands the others what they need to launch the same programs on the
+same inputs with `broadcast_bytes_from_leader` (dspark_jax.engine.lockstep).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
@@ -232,6 +234,11 @@ def create_placed(create, mesh):
     return nnx.merge(graphdef, state)
 
 
+def replicated(mesh) -> NamedSharding | None:
+    """A whole copy on every device of `mesh` (None without a mesh: the default device)."""
+    return NamedSharding(mesh, P()) if mesh is not None else None
+
+
 def zeros(shape, dtype, names, mesh=None) -> jax.Array:
     """Zeros created straight in their shards on `mesh` (logical `names` per dimension); default device without one."""
     if mesh is None:
@@ -306,8 +313,23 @@ def is_leader() -> bool:
 def broadcast_from_leader(batch):
     """Process 0's `batch` (a pytree of numpy arrays / scalars of the same shapes everywhere) on every process.
 
-    The request loop runs on process 0; each step it broadcasts what it scheduled (token ids,
-    positions, page tables, sampling parameters) so every process launches the same program on
-    the same inputs. The other processes pass arrays of the right shapes (their values are unused).
+    The other processes pass arrays of the right shapes (their values are unused).
     """
     return multihost_utils.broadcast_one_to_all(batch, is_source=is_leader())
+
+
+MIN_BROADCAST_BYTES = 256  # the smallest padded buffer: short messages share one program
+
+
+def broadcast_bytes_from_leader(data: bytes) -> bytes:
+    """Process 0's `data` on every process (the others pass anything, e.g. b"").
+
+    Two collectives: the length, then the bytes padded to a power of two (so the broadcast compiles
+    once per size bucket, not per message length).
+    """
+    length = int(broadcast_from_leader(np.int32(len(data) if is_leader() else 0)))
+    size = max(MIN_BROADCAST_BYTES, 1 << (length - 1).bit_length())
+    buffer = np.zeros(size, np.uint8)
+    if is_leader():
+        buffer[:length] = np.frombuffer(data, np.uint8)
+    return broadcast_from_leader(buffer)[:length].tobytes()

@@ -410,3 +410,17 @@ def test_placing_on_a_one_device_mesh_keeps_the_model():
     sharding.place_model(model, mesh)
     assert sharding.model_mesh(model) == mesh
     np.testing.assert_array_equal(forward(model, tokens)[0], want)
+
+
+def test_slot_state_starts_where_the_programs_put_it():
+    """A Core on a mesh starts its slot state replicated on it, as every program returns it: the first
+    call of a program compiles it once, not once for the fresh state and again for its own outputs."""
+    from dspark_jax.models import create_target
+    from dspark_jax.speculative.decode import Core, pack_chunk
+
+    target = sharding.place_model(create_target(ARCH, dtype="float32"), sharding.make_mesh())
+    core = Core(target, None, None, slots=1, max_context=32, page_size=16, num_pages=2, backend="xla")
+    assert core.state.anchors.sharding == sharding.replicated(sharding.model_mesh(target))
+    for _ in range(2):
+        core.prefill(pack_chunk([], rows=1, lane=16, slots=core.slots, scratch_row=core.scratch_row), 16)
+    assert core.compiles.count == 1, core.compiles.shapes

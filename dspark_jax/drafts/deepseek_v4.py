@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax import kernels
+from dspark_jax import kernels, sharding
 from dspark_jax.config import DraftConfig
 from dspark_jax.drafts.base import Proposal, ProposeInputs
 from dspark_jax.models.common import apply_interleaved_rope, rope_inv_freq
@@ -110,7 +110,8 @@ class V4DSparkDraft(nnx.Module):
     def init_state(self, *, rows: int, num_pages: int, page_size: int, dtype) -> ContextWindows:
         del num_pages, page_size  # per-slot rings, no pages
         shape = (rows, self.arch.sliding_window, self.arch.head_dim)
-        return ContextWindows([jnp.zeros(shape, dtype) for _ in self.blocks])
+        # on the draft's mesh, replicated like the target's V4 state (one K=V head: no axis to split)
+        return ContextWindows([sharding.zeros(shape, dtype, (), sharding.model_mesh(self)) for _ in self.blocks])
 
     def context(self, features):
         """C [T, H]: the captured layers' streams [T, n·hc·H] averaged per layer, projected and normed."""

@@ -7,12 +7,16 @@ TextStream (stop strings end a request here), metrics, and delivery to the reque
 (an asyncio queue filled through the caller's loop, or a blocking queue). Only the loop thread
 touches the Scheduler and the device. `shutdown` stops admitting, lets the running requests
 finish until the drain timeout, aborts the rest and joins the thread.
+
+In a multi-process job (several hosts) process 0, the leader, runs all of the above; the other
+processes call `follow` instead, which replays the leader's steps (dspark_jax.engine.lockstep).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import queue
 import secrets
@@ -24,11 +28,13 @@ import jax
 
 from dspark_jax.cache import pages_for
 from dspark_jax.checkpoint.assets import cache_dir
+from dspark_jax.engine.lockstep import HEARTBEAT_SECONDS, Lockstep
 from dspark_jax.engine.metrics import EngineMetrics
 from dspark_jax.engine.params import (SEED_LIMIT, EngineClosed, EngineConfig, EngineFull, RequestOutput,
                                       RequestParams, RequestStats)
 from dspark_jax.engine.scheduler import Request, Scheduler, StepReport, check_prompt, stop_ids_of
 from dspark_jax.engine.text import TextStream
+from dspark_jax.sharding import is_leader
 from dspark_jax.speculative.decode import Core
 from dspark_jax.speculative.profile import profile_sps
 from dspark_jax.speculative.schedule import SpecParams
@@ -100,7 +106,11 @@ class _Stream:
 
 
 class Engine:
-    """Continuous batching of requests over `config.max_batch` device slots (see the module doc)."""
+    """Continuous batching of requests over `config.max_batch` device slots (see the module doc).
+
+    `leader`: this process takes requests (`start`, `submit`): the only one, or process 0 of a
+    multi-process job, whose other processes `follow`.
+    """
 
     def __init__(self, target, draft, *, tokenizer=None, spec: SpecParams | None = None,
                  config: EngineConfig = EngineConfig()):
@@ -119,6 +129,8 @@ class Engine:
         extra_eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
         self.eos_ids = tuple(dict.fromkeys(self.core.eos_ids + extra_eos))
         self.metrics = EngineMetrics(gamma=gamma, pages_total=num_pages)
+        self.leader = is_leader()
+        self._lockstep = Lockstep(self.leader) if jax.process_count() > 1 else None
         self.registry = self.metrics.registry
         self.ready = False
         self._cond = threading.Condition()
@@ -184,6 +196,9 @@ class Engine:
 
     def start(self) -> None:
         """Start the loop thread: it warms up (compiles; `ready` turns true), then serves. Returns at once."""
+        if not self.leader:
+            raise RuntimeError(f"process {jax.process_index()} of a multi-process job follows process 0, which "
+                               "takes the requests: call follow(), not start()")
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is shut down")
@@ -218,25 +233,67 @@ class Engine:
             log.info("engine ready: %d slots, %d KV pages", self.core.slots, self.core.num_pages)
             while self._step():
                 pass
+            if self._lockstep is not None:
+                self._lockstep.send("stop", self.scheduler)
         except BaseException as e:  # noqa: BLE001 - every client must hear the end of its request
             log.exception("engine loop failed")
             self._fail(e)
+            if self._lockstep is not None and self.ready and not self._lockstep.broken:
+                self._lockstep.send("fail", self.scheduler)  # the followers wait for a step that never comes
+
+    def follow(self) -> None:
+        """Run the leader's steps on this process (not process 0 of a multi-process job) until it stops.
+
+        Warms up as the leader does, then replays every broadcast step (dspark_jax.engine.lockstep);
+        returns when the leader's engine stops, raises when it failed or this process diverged.
+        """
+        if self._lockstep is None or self.leader:
+            raise RuntimeError("follow() is for the processes but 0 of a multi-process job; this process takes "
+                               "the requests: call start()")
+        self._warm_up()
+        self._warm_compiles = self.core.compiles.count
+        self.ready = True
+        log.info("engine ready, following process 0: %d slots, %d KV pages", self.core.slots, self.core.num_pages)
+        while True:
+            sync = self._lockstep.receive(self.scheduler)
+            if sync.action == "fail":
+                raise RuntimeError("the leader's engine (process 0) failed; its log says why")
+            if sync.action == "stop":
+                return
+            if sync.action == "step":
+                self._lockstep.finished(self.scheduler.step().finished)
+                self._account()
+
+    def _agreed(self, value):
+        """`value` in one process; the leader's `value` on every process of a multi-process job."""
+        return value if self._lockstep is None else self._lockstep.share(value)
 
     def _warm_up(self) -> None:
         core, start = self.core, time.perf_counter()
         if core.needs_sps:
-            core.use_sps(profile_sps(core.target, core.draft, rows=max(core.row_buckets()), gamma=core.gamma,
-                                     core=core))
-        if self.config.warmup:
-            core.compile_all(self.config.prefill_chunk, stop=lambda: self._closing)
+            core.use_sps(self._sps_table())
+        if self.config.warmup:  # every process compiles the same programs and stops where the leader does
+            core.compile_all(self.config.prefill_chunk, stop=lambda: self._agreed(self._closing))
         log.info("warm-up: %d programs compiled in %.1f s", core.compiles.count, time.perf_counter() - start)
+
+    def _sps_table(self) -> list[float]:
+        core = self.core
+        profile = functools.partial(profile_sps, core.target, core.draft, rows=max(core.row_buckets()),
+                                    gamma=core.gamma, core=core)
+        if self._lockstep is None:
+            return profile()
+        # Profiling runs programs on every device: every process takes the leader's cached table, or
+        # all measure together and keep the leader's timings.
+        table = self._agreed(profile(cached_only=True) if self.leader else None)
+        return table if table is not None else self._agreed(profile(refresh=True))
 
     def _step(self) -> bool:
         with self._cond:
             while not (self._inbox or self._cancels or self.scheduler.has_work()):
                 if self._closing:
                     return False
-                self._cond.wait()
+                if not self._cond.wait(HEARTBEAT_SECONDS if self._lockstep is not None else None):
+                    break  # several processes: idle for a heartbeat's time
             new, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, set()
             handles = {r.id: self._handles.pop(r.id) for r in new}
@@ -247,12 +304,19 @@ class Engine:
             text = TextStream(self.tokenizer, request.prompt, request.params.stop) if self.tokenizer else None
             self._streams[request.id] = _Stream(handles[request.id], text)
             self.scheduler.add(request)
+            if self._lockstep is not None:
+                self._lockstep.added(request)
         for request_id in cancels:
             if request_id in self._requests:
                 self._abort(self._requests[request_id])
         if expired:
             for request in list(self._requests.values()):
                 self._abort(request)
+        if self._lockstep is not None:
+            idle = not (new or cancels or self.scheduler.has_work())
+            self._lockstep.send("idle" if idle else "step", self.scheduler)
+            if idle:
+                return True
         report = self.scheduler.step()
         self._deliver(report)
         self._account()
@@ -262,8 +326,13 @@ class Engine:
         return True
 
     def _abort(self, request: Request) -> None:
-        self.scheduler.retire(request, "abort")
+        self._retire(request, "abort")
         self._finish(request, "abort", [], "")
+
+    def _retire(self, request: Request, reason: str) -> None:
+        if self._lockstep is not None and request.state != "finished":
+            self._lockstep.retired(request, reason)
+        self.scheduler.retire(request, reason)
 
     def _deliver(self, report: StepReport) -> None:
         for fact in report.rounds:
@@ -287,7 +356,7 @@ class Engine:
                     break  # a stop token ends the text without text of its own
                 if stream.text.push(token):  # a stop string: the request ends at this token
                     tokens, finished, reason = tokens[:i + 1], True, "stop"
-                    self.scheduler.retire(request, "stop")
+                    self._retire(request, "stop")
                     break
         now = time.perf_counter()
         if tokens:

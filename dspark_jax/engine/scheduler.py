@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import heapq
 import itertools
 import time
@@ -131,6 +132,15 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self.active)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything the next step's launches depend on: processes that run the same
+        scheduler in lockstep (dspark_jax.engine.lockstep) compare it to catch a divergence."""
+        state = ([(r.id, len(r.tokens)) for r in self.waiting],
+                 [(r.id, r.state, r.slot, r.pages, r.order, r.target, r.prefilled, r.inflight, r.len_bound,
+                   r.tokens[-1:], len(r.tokens)) for r in self.active],
+                 self._free_slots, self.allocator.free_pages, self._launched is not None, self._capacity)
+        return hashlib.blake2b(repr(state).encode(), digest_size=8).hexdigest()
 
     def retire(self, request: Request, reason: str) -> None:
         """Finish a request now (cancelled, a stop string, shutdown): its slot and pages are freed."""

@@ -34,7 +34,7 @@ from dspark_jax.drafts.base import CacheGeometry, Proposal, ProposeInputs
 from dspark_jax.models import split_static
 from dspark_jax.models.attention import PagedKV
 from dspark_jax.models.deepseek_v4 import DeepseekV4ForCausalLM, V4Context, v4_layout
-from dspark_jax.sharding import model_mesh
+from dspark_jax.sharding import model_mesh, replicated
 from dspark_jax.speculative.compiles import CompileLog
 from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays,
                                              position_keys, sample)
@@ -102,15 +102,22 @@ class SlotState:
     history: jax.Array  # [S, W] int32 prompt + generated tokens (the anchor at index lens)
 
     @staticmethod
-    def empty(slots: int, width: int) -> "SlotState":
-        def z():  # a buffer of its own: every field is donated separately
-            return jnp.zeros((slots,), jnp.int32)
+    def empty(slots: int, width: int, mesh=None) -> "SlotState":
+        """Every slot empty (done). With a mesh, replicated on it: where the programs' outputs are, so
+        the first call of a program does not compile it for other input placements than later calls."""
+        device = replicated(mesh)
+
+        def full(shape, value, dtype):  # a buffer of its own: every field is donated separately
+            return jnp.full(shape, value, dtype, device=device)
+
+        def z():
+            return full((slots,), 0, jnp.int32)
         key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
-        return SlotState(anchors=z(), lens=z(), generated=z(), max_new=z(), done=jnp.ones((slots,), bool),
-                         rounds=z(), keys=jnp.zeros((slots, *key_shape), jnp.uint32),
-                         temperature=jnp.zeros((slots,), jnp.float32), top_k=z(), top_p=jnp.ones((slots,), jnp.float32),
-                         stop_ids=jnp.full((slots, STOP_SLOTS), -1, jnp.int32),
-                         history=jnp.zeros((slots, width), jnp.int32))
+        return SlotState(anchors=z(), lens=z(), generated=z(), max_new=z(), done=full((slots,), True, bool),
+                         rounds=z(), keys=full((slots, *key_shape), 0, jnp.uint32),
+                         temperature=full((slots,), 0.0, jnp.float32), top_k=z(),
+                         top_p=full((slots,), 1.0, jnp.float32), stop_ids=full((slots, STOP_SLOTS), -1, jnp.int32),
+                         history=full((slots, width), 0, jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -618,7 +625,7 @@ class Core:
         self.caches = self.cache.init(target, slots=slots, num_pages=num_pages + 1, page_size=page_size)
         self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
                        if draft is not None else None)
-        self.state = SlotState.empty(slots, max_context)
+        self.state = SlotState.empty(slots, max_context, model_mesh(target))
         self.compiles = CompileLog()
         self._sps = None  # rounds/s by verify tokens (causal, async)
         self._tables: dict[int, jax.Array] = {}

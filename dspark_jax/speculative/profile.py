@@ -111,11 +111,12 @@ def _cache_path(target, draft, rows: int, gamma: int, context: int, backend: str
 
 
 def profile_sps(target, draft, *, rows: int, gamma: int, context: int = 256, repeats: int = 5, refresh: bool = False,
-                core: Core | None = None, backend: str = "auto") -> list[float]:
+                cached_only: bool = False, core: Core | None = None, backend: str = "auto") -> list[float] | None:
     """The SPS table for this device, target, draft, round rows (a power of two) and γ, cached after the first run.
 
     `core`: measure on this Core (idle: its slots and first pages are borrowed) with its own
-    programs; by default a Core of `rows` slots is built for it.
+    programs; by default a Core of `rows` slots is built for it. `refresh`: measure even when a
+    table is cached; `cached_only`: the cached table, or None without measuring.
     """
     if core is not None:
         if bucket(core.slots) != rows or core.gamma != gamma:
@@ -125,6 +126,8 @@ def profile_sps(target, draft, *, rows: int, gamma: int, context: int = 256, rep
     path = _cache_path(target, draft, rows, gamma, context, kernels.resolve(backend))
     if path.is_file() and not refresh:
         return json.loads(path.read_text())["sps"]
+    if cached_only:
+        return None
     if core is None:
         core = Core(target, draft, SpecParams(block_size=gamma), slots=rows, max_context=context + 1, page_size=16,
                     num_pages=rows * pages_for(context + gamma + 1, 16), backend=backend)
