@@ -30,6 +30,6 @@ def dot_precisions(dtype: str) -> list[str]:
 @pytest.mark.parametrize("dtype, expected", [("float32", "HIGHEST"), ("bfloat16", "DEFAULT")])
 def test_fp32_models_trace_every_matmul_at_highest_precision(dtype, expected):
     precisions = dot_precisions(dtype)
-    # 2 layers x (q, k, v, o, 2 attention, gate, up, down) + the output head
-    assert len(precisions) == 2 * 9 + 1, precisions
+    # 2 layers x (fused qkv, o, 2 attention, fused gate/up, down) + the output head
+    assert len(precisions) == 2 * 6 + 1, precisions
     assert set(precisions) == {expected}, precisions
