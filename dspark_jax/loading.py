@@ -68,7 +68,7 @@ def load_draft(path_or_cfg, target, *, dtype=None):
     if isinstance(path_or_cfg, Config):
         path_or_cfg = path_or_cfg.draft
     if isinstance(path_or_cfg, DraftConfig):
-        if path_or_cfg.source:
+        if path_or_cfg.source and path_or_cfg.kind not in ("none", "ngram"):  # those two take no weights
             draft = load_deepspec_draft(path_or_cfg.source, target, dtype=dtype)
         else:
             draft = create_draft(path_or_cfg, target, dtype=dtype)

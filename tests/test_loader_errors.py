@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dspark_jax.checkpoint.hf import CheckpointError, arch_from_hf_config, load_hf_target, save_hf_target
-from dspark_jax.config import ConfigError, LlamaArch
+from dspark_jax.config import ConfigError, DraftConfig, LlamaArch
+from dspark_jax.loading import load_draft
 from dspark_jax.models import create_target
 
 ARCH = LlamaArch(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -93,3 +95,10 @@ def test_loaded_dtype(folder):
     assert load_hf_target(folder, dtype="bfloat16").layers[0].self_attn.qkv_proj.kernel[...].dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"dtype='int8'; expected one of"):
         load_hf_target(folder, dtype="int8")
+
+
+def test_draft_kind_none_decodes_plainly_whatever_the_source():
+    """`--set draft.kind=none` on a config that ships a draft folder must turn speculation off."""
+    shipped = Path(__file__).resolve().parent.parent / "drafts" / "smollm2_dspark"
+    assert shipped.is_dir()
+    assert load_draft(DraftConfig(kind="none", source=str(shipped)), create_target(ARCH)) is None
