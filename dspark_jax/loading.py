@@ -70,6 +70,9 @@ def load_draft(path_or_cfg, target, *, dtype=None):
     if isinstance(path_or_cfg, DraftConfig):
         if path_or_cfg.source and path_or_cfg.kind not in ("none", "ngram"):  # those two take no weights
             draft = load_deepspec_draft(path_or_cfg.source, target, dtype=dtype)
+            if draft.config.kind != path_or_cfg.kind:
+                raise ValueError(f"DraftConfig.kind={path_or_cfg.kind!r} but draft.source={path_or_cfg.source!r} "
+                                 f"holds a {draft.config.kind!r} draft; set draft.kind={draft.config.kind}")
         else:
             draft = create_draft(path_or_cfg, target, dtype=dtype)
     elif path_or_cfg in ("ngram", "none"):

@@ -13,8 +13,8 @@ every round, `causal` lets the confidence scheduler choose. Models:
   qwen3_4b  Qwen3-4B's architecture with random weights + a random 5-layer DSpark draft; random
             token-id prompts of --prompt-len tokens through /v1/completions, exactly --max-tokens out
   FILE.py   any config file, served like qwen3_4b
-Servers start without the engine's warm-up; each cell first sends one unmeasured wave of c of its
-requests, which compiles the shapes the cell meets. Per cell: output tokens/s and requests/s over
+Servers start without the engine's warm-up; each cell first sends its whole request set once,
+unmeasured, at the same concurrency, which compiles the shapes the measured pass meets. Per cell: output tokens/s and requests/s over
 the cell's wall time; TTFT (request sent → first
 token), ITL (gaps between streamed chunks, each holding one round's tokens) and TPOT ((end − first
 token) / (tokens − 1)) as median and p99; the mean accepted length per round and the compilations
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     sets = read_prompt_sets(args.prompts) if args.prompts else {}
     prompts = [turns[0] for prompt_set in sets.values() for turns in prompt_set]
     # no start-up warm-up (every bucket of 64 slots, compiled for each of the servers, would not fit the
-    # budget); each cell is preceded by an unmeasured wave of its own requests instead
+    # budget); each cell first runs its own requests once, unmeasured, instead
     serve_sets = [f"serve.max_batch={max(concurrencies)}", f"serve.max_waiting={4 * max(concurrencies)}",
                   "serve.warmup=false"]
     result = {"device": device_name(), "max_tokens": args.max_tokens, "temperature": args.temperature,
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                         result["skipped"].append([model, mode, c])
                         continue
                     bodies = request_bodies("bench", endpoint, max(8, 2 * c), args, prompts, vocab)
-                    _, warm_seconds = asyncio.run(run_cell(server.url, bodies[:c], c, path))
+                    _, warm_seconds = asyncio.run(run_cell(server.url, bodies, c, path))
                     before = metric_samples(server.url)
                     results, seconds = asyncio.run(run_cell(server.url, bodies, c, path))
                     cell = {"model": model, "mode": mode, "concurrency": c, "startup_s": startup,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dspark_jax.checkpoint.hf import CheckpointError, arch_from_hf_config, load_hf_target, save_hf_target
+from dspark_jax.checkpoint.deepspec import save_deepspec_draft
 from dspark_jax.config import ConfigError, DraftConfig, LlamaArch
+from dspark_jax.drafts import create_draft
 from dspark_jax.loading import load_draft
 from dspark_jax.models import create_target
 
@@ -102,3 +105,14 @@ def test_draft_kind_none_decodes_plainly_whatever_the_source():
     shipped = Path(__file__).resolve().parent.parent / "drafts" / "smollm2_dspark"
     assert shipped.is_dir()
     assert load_draft(DraftConfig(kind="none", source=str(shipped)), create_target(ARCH)) is None
+
+
+def test_a_draft_source_of_another_kind_is_named(tmp_path):
+    """draft.kind=dflash over a folder holding a DSpark draft must not load the DSpark draft silently."""
+    target = create_target(ARCH, dtype="float32")
+    config = DraftConfig(kind="dspark", num_layers=1, target_layer_ids=(0,), mask_token_id=63, markov_rank=8,
+                         block_size=4)
+    save_deepspec_draft(create_draft(config, target), target, tmp_path / "draft")
+    assert load_draft(dataclasses.replace(config, source=str(tmp_path / "draft")), target).config.kind == "dspark"
+    with pytest.raises(ValueError, match=r"DraftConfig.kind='dflash' but draft.source=.* holds a 'dspark' draft"):
+        load_draft(dataclasses.replace(config, kind="dflash", source=str(tmp_path / "draft")), target)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dspark_jax.speculative.calibrate import apply_sts, fit_sts, survival_ece
-from dspark_jax.speculative.schedule import admit_top, best_capacity, schedule_prefix, survival, threshold_lengths
+from dspark_jax.speculative.schedule import (admit_top, best_capacity, causal_token_bound, schedule_prefix, survival,
+                                             threshold_lengths)
 
 
 def sorted_candidates(a):
@@ -83,6 +84,37 @@ def test_early_stop_differs_from_global_search():
     assert int(schedule_prefix(a, sps)[0]) == 0
     theta = [(1 + a[0, :n].sum()) * sps[1 + n] for n in range(5)]
     assert int(best_capacity(a, sps)) == int(np.argmax(theta)) == 4
+
+
+def test_the_host_bound_holds_every_causal_schedule():
+    """causal_token_bound, from the SPS table alone, is never below Algorithm 1's batch; capping the
+    schedule at it changes nothing. Rows past `live` are finished (zero survival)."""
+    rng = np.random.default_rng(4)
+    scheduler = jax.jit(schedule_prefix)
+    cut = 0
+    for (rows, gamma), _ in itertools.product(SHAPES, range(30)):
+        a, sps = random_case(rng, rows, gamma)
+        if rng.random() < 0.3:  # memory-bound hardware: rates barely fall, the bound reaches the end
+            sps = 100.0 - np.arange(rows * (gamma + 1) + 1) * rng.uniform(0.0, 0.5)
+        live = int(rng.integers(1, rows + 1))
+        a = np.where(np.arange(rows)[:, None] < live, a, 0.0).astype(np.float32)
+        most = rows * (gamma + 1)
+        bound = causal_token_bound(sps, live, most)
+        lengths = np.asarray(scheduler(a, sps, live_rows=live))
+        assert live <= live + lengths.sum() <= bound <= most
+        assert np.asarray(scheduler(a, sps, live_rows=live, capacity=bound - live)).tolist() == lengths.tolist()
+        assert causal_token_bound(sps, rows, most) >= bound  # counting finished rows as live stays safe
+        cut += bound < most
+    assert 0 < cut < len(SHAPES) * 30  # both a binding and a non-binding bound were exercised
+
+
+def test_capacity_cuts_the_admission_path():
+    a = np.array([[0.9, 0.8, 0.7], [0.95, 0.6, 0.5]], np.float32)
+    sps = np.full(9, 10.0)  # flat rates: Algorithm 1 admits every candidate
+    assert schedule_prefix(a, sps).tolist() == [3, 3]
+    # sorted by survival: (1,0) .95, (0,0) .9, (0,1) .8, (0,2) .7, (1,1) .6, (1,2) .5
+    assert schedule_prefix(a, sps, capacity=4).tolist() == [3, 1]
+    assert schedule_prefix(a, sps, capacity=0).tolist() == [0, 0]
 
 
 def test_admit_top_takes_the_highest_survivals():

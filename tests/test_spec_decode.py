@@ -26,6 +26,7 @@ from dspark_jax.drafts.base import CacheGeometry, ProposeInputs
 from dspark_jax.models import create_target, forward
 from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
+from dspark_jax.speculative.decode import Core
 from dspark_jax.speculative.schedule import SpecParams
 
 VOCAB = 61
@@ -120,6 +121,21 @@ def test_scheduling_cuts_verification(target, dspark):
                       spec=SpecParams(block_size=GAMMA, scheduler="causal", sps=steep))
     assert causal.tokens == fixed.tokens
     assert causal.stats.verified_tokens / causal.stats.rounds < fixed.stats.verified_tokens / fixed.stats.rounds
+
+
+def test_causal_rounds_launch_at_the_budget_the_sps_table_bounds(target, dspark):
+    """Rates flat up to 12 verify tokens, then a quarter: Algorithm 1 never schedules more than 12
+    tokens for 8 rows, so a causal round launches whole at the 16-token bucket, never 32 or 40,
+    and stays lossless."""
+    knee = tuple(1.0 if b <= 12 else 0.25 for b in range(8 * (GAMMA + 1) + 1))
+    spec = SpecParams(block_size=GAMMA, scheduler="causal", sps=knee)
+    core = Core(target, dspark, spec, slots=8, max_context=64, page_size=16, num_pages=32)
+    assert core.budgets(8) == [16] and core.budgets(1) == [GAMMA + 1]
+    assert core.budget_buckets(8) == [16, 32, 40]  # what the round would need without the bound
+    prompts = prompts_of(8, seed=22)
+    causal = generate(target, dspark, prompts, max_new_tokens=20, spec=spec)
+    assert causal.tokens == generate(target, None, prompts, max_new_tokens=20).tokens
+    assert causal.stats.verified_tokens > causal.stats.rounds  # draft tokens were verified
 
 
 def test_greedy_outputs_do_not_depend_on_batch_neighbours(target, dspark):

@@ -122,8 +122,6 @@ class Engine:
         self.config = config
         self.core = Core(target, draft, spec, slots=config.max_batch, max_context=config.max_context,
                          page_size=config.page_size, num_pages=num_pages, backend=config.kernels)
-        if spec is not None and spec.sps is not None and self.core.scheduler in ("causal", "async"):
-            self.core.use_sps(spec.sps)
         self.scheduler = Scheduler(self.core, prefill_chunk=config.prefill_chunk)
         self.tokenizer = tokenizer
         extra_eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()

@@ -61,8 +61,7 @@ def generate(target, draft, prompts, max_new_tokens: int = 128,
     core = Core(target, draft, spec, slots=slots, max_context=max_context, page_size=page_size, num_pages=num_pages,
                 backend=kernels)
     if core.needs_sps:
-        core.use_sps(spec.sps if spec.sps is not None else
-                     profile_sps(target, draft, rows=slots, gamma=gamma, backend=kernels))
+        core.use_sps(profile_sps(target, draft, rows=slots, gamma=gamma, backend=kernels))
     scheduler = Scheduler(core, prefill_chunk=prefill_chunk, min_rows=slots)
     requests = []
     for i, (prompt, s) in enumerate(zip(prompts, per_request)):

@@ -38,7 +38,8 @@ from dspark_jax.sharding import model_mesh, replicated
 from dspark_jax.speculative.compiles import CompileLog
 from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays,
                                              position_keys, sample)
-from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacity, schedule_prefix, survival,
+from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacity, causal_token_bound, schedule_prefix,
+                                             survival,
                                              threshold_lengths)
 from dspark_jax.speculative.verify import verify
 
@@ -479,7 +480,7 @@ def _draft_and_schedule(target, draft, dstate, rows: Rows, history, page_table, 
         if shape.scheduler == "threshold":
             lengths = threshold_lengths(confidence, shape.threshold, valid)
         elif shape.scheduler == "causal":
-            lengths = schedule_prefix(a, sps, live_rows=live)
+            lengths = schedule_prefix(a, sps, live_rows=live, capacity=capacity)
         else:
             lengths = admit_top(a, capacity)
             next_capacity = best_capacity(a, sps, live_rows=live)
@@ -528,11 +529,11 @@ _ROUND_STATIC = ("graphdefs", "shape", "budget")
 
 @functools.partial(jax.jit, static_argnames=_ROUND_STATIC, donate_argnames=("state", "caches", "dstate"))
 def _round_program(graphdefs, params, state, caches, dstate, slots, page_table, sps, capacity, *, shape, budget):
-    """One whole speculative round for schedulers whose budget is known before launch (fixed, async)."""
+    """One whole speculative round for schedulers whose budget is known before launch (fixed, causal, async)."""
     with ops.use(shape.backend):
         target, draft = _merge(graphdefs, params)
         rows = _gather(state, slots, shape.filters)
-        # async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
+        # causal, async: the launched budget holds every live anchor plus at most `capacity` draft tokens.
         capacity = jnp.minimum(capacity, budget - jnp.sum(~rows.done))
         proposal, lengths, next_capacity, dstate = _draft_and_schedule(target, draft, dstate, rows, state.history,
                                                                        page_table, sps, capacity, shape)
@@ -547,8 +548,9 @@ def _draft_program(graphdefs, params, state, dstate, slots, page_table, sps, *, 
     with ops.use(shape.backend):
         target, draft = _merge(graphdefs, params)
         rows = _gather(state, slots, shape.filters)
+        capacity = jnp.int32(slots.shape[0] * shape.gamma)  # no cap: the verify budget follows the schedule
         proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, rows, state.history, page_table,
-                                                           sps, jnp.zeros((), jnp.int32), shape)
+                                                           sps, capacity, shape)
         total = jnp.sum(jnp.where(rows.done, 0, lengths + 1))
         return proposal, lengths, total, dstate
 
@@ -629,6 +631,9 @@ class Core:
         self.compiles = CompileLog()
         self._sps = None  # rounds/s by verify tokens (causal, async)
         self._tables: dict[int, jax.Array] = {}
+        self._causal_budgets: dict[int, list[int]] = {}  # by rows, then live rows
+        if self.scheduler in ("causal", "async") and self.spec.sps is not None:
+            self.use_sps(self.spec.sps)
 
     # -- shapes
 
@@ -638,8 +643,8 @@ class Core:
 
     @property
     def split(self) -> bool:
-        """Rounds run as draft + verify (the budget follows this round's schedule)."""
-        return self.scheduler in ("threshold", "causal")
+        """Rounds run as draft + verify: the threshold scheduler's budget is known only after drafting."""
+        return self.scheduler == "threshold"
 
     def row_buckets(self) -> list[int]:
         return [1 << i for i in range(bucket(self.slots).bit_length())]
@@ -652,9 +657,21 @@ class Core:
         """Every verify-token bucket of a round of `rows` rows."""
         return sorted({self.budget(rows, t) for t in range(1, rows * (self.gamma + 1) + 1)})
 
+    def causal_budget(self, rows: int, live: int) -> int:
+        """The verify budget of a causal round of `rows` rows, `live` of them requests (bounded from the SPS table)."""
+        if rows not in self._causal_budgets:
+            self._sps_for(rows)  # says what is missing when no table was given
+            self._causal_budgets[rows] = [
+                self.budget(rows, causal_token_bound(self._sps, n, rows * (self.gamma + 1))) for n in range(rows + 1)]
+        return self._causal_budgets[rows][live]
+
     def budgets(self, rows: int) -> list[int]:
         """The verify budgets this core's rounds of `rows` rows launch with (fixed: every draft token)."""
-        return [rows * (self.gamma + 1)] if self.scheduler == "fixed" else self.budget_buckets(rows)
+        if self.scheduler == "fixed":
+            return [rows * (self.gamma + 1)]
+        if self.scheduler == "causal" and self._sps is not None:
+            return sorted({self.causal_budget(rows, live) for live in range(1, rows + 1)})
+        return self.budget_buckets(rows)
 
     @staticmethod
     def chunk_tokens(prefill_chunk: int) -> int:
@@ -680,6 +697,7 @@ class Core:
                              f"(γ+1={self.gamma + 1}) tokens need at least {needed}")
         self._sps = np.asarray(sps, np.float32)
         self._tables.clear()
+        self._causal_budgets.clear()
 
     def _sps_for(self, rows: int) -> jax.Array:
         if rows not in self._tables:
@@ -740,8 +758,8 @@ class Core:
     def begin_round(self, slots: np.ndarray, page_table: np.ndarray, filters: bool, capacity: int | None = None):
         """Launch this step's round over `slots`; `finish_round` completes it.
 
-        Split schedulers stop after drafting (the host has not read the token total yet); the
-        others launch the whole round. `capacity` (async) is the token count computed by an
+        The threshold scheduler stops after drafting (the host has not read the token total yet);
+        the others launch the whole round. `capacity` (async) is the token count computed by an
         earlier round (None: every draft token may be admitted).
         """
         rows = len(slots)
@@ -749,10 +767,13 @@ class Core:
             return self.decode(slots, page_table, filters)
         if self.split:
             return self.draft_step(slots, page_table, filters)
-        if self.scheduler == "fixed" or capacity is None:
-            capacity = rows * self.gamma
-        budget = rows * (self.gamma + 1) if self.scheduler == "fixed" else self.budget(rows, rows + capacity)
-        return self.fused_round(slots, page_table, filters, capacity, budget)
+        if self.scheduler == "fixed":
+            return self.fused_round(slots, page_table, filters, rows * self.gamma, rows * (self.gamma + 1))
+        if self.scheduler == "causal":
+            budget = self.causal_budget(rows, int(np.sum(slots < self.slots)))
+            return self.fused_round(slots, page_table, filters, rows * self.gamma, budget)
+        capacity = rows * self.gamma if capacity is None else capacity
+        return self.fused_round(slots, page_table, filters, capacity, self.budget(rows, rows + capacity))
 
     def finish_round(self, pending) -> RoundOutputs:
         if isinstance(pending, Drafted):

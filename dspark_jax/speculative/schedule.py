@@ -5,6 +5,9 @@ by a (ties by position) admits prefixes only. Algorithm 1 adds tokens in that or
 expected throughput Θ = (Σ_r 1 + Σ admitted a) · SPS(R + #admitted) keeps improving and stops at
 the first non-improvement — the stop is what keeps it lossless: whether x_{r,k} is admitted never
 depends on x_{r,k} itself (paper appendix A shows the retrospective global search failing that).
+
+The host bounds Algorithm 1's batch from the SPS table alone (`causal_token_bound`), so a causal
+round launches as one program with a verify budget fixed before the draft runs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def survival(confidence, valid_lengths=None):
@@ -50,19 +54,44 @@ def _throughput_path(survival, sps, live_rows):
     return order, a_sorted, theta
 
 
-def schedule_prefix(survival, sps, live_rows=None):
+def schedule_prefix(survival, sps, live_rows=None, capacity=None):
     """Algorithm 1 (hardware-aware prefix scheduler with early stop).
 
     survival [R, γ] = a_{r,j} (0 = not a candidate); sps[B] = rounds/s when the verify batch
     holds B tokens (sps[0] unused, len ≥ R(γ+1)+1). `live_rows` (≤ R, may be traced) is how many
     rows verify their anchor this round when the others are padding or finished rows (all zero
-    survival); None means all R. Returns lengths ℓ_r [R] int32.
+    survival); None means all R. `capacity` (may be traced) caps the admitted draft tokens: a
+    bound fixed before the draft ran, so the cap cannot depend on the tokens it cuts. Returns
+    lengths ℓ_r [R] int32.
     """
     rows, gamma = survival.shape
     order, a_sorted, theta = _throughput_path(survival, sps, live_rows)
     improves = (theta[1:] > theta[:-1]) & (a_sorted > 0)
+    if capacity is not None:
+        improves &= jnp.arange(rows * gamma) < capacity
     admitted = jnp.cumprod(improves.astype(jnp.int32)).astype(bool)
     return _lengths_from_admitted(order, admitted, rows, gamma)
+
+
+# The device compares Θ in fp32; the host's walk forgives that much rounding so it never stops first.
+_BOUND_SLACK = 1e-4
+
+
+def causal_token_bound(sps, live_rows: int, max_tokens: int) -> int:
+    """The most verify tokens (anchors included) Algorithm 1 can schedule for `live_rows` live rows.
+
+    Admitting the token that grows the batch to B needs (E + a)·sps[B] > E·sps[B−1], with E the
+    expected tokens so far. Candidates come sorted by a ≤ 1, so E ≥ live + (B−1−live)·a, and the
+    ratio E/(E + a) is smallest at a = 1, where it is (B−1)/B: no data can admit that token unless
+    B·sps[B] > (B−1)·sps[B−1]. The walk stops at the first B that fails; `max_tokens` caps it.
+    A row that finished counts as live on the host but not on the device; fewer live rows only
+    stop the walk earlier, so counting them keeps the bound safe.
+    """
+    sps = np.asarray(sps, np.float64)
+    batch = live_rows
+    while batch < max_tokens and (batch + 1) * sps[batch + 1] > batch * sps[batch] * (1.0 - _BOUND_SLACK):
+        batch += 1
+    return batch
 
 
 def best_capacity(survival, sps, live_rows=None):
