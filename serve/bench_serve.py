@@ -13,8 +13,9 @@ every round, `causal` lets the confidence scheduler choose. Models:
   qwen3_4b  Qwen3-4B's architecture with random weights + a random 5-layer DSpark draft; random
             token-id prompts of --prompt-len tokens through /v1/completions, exactly --max-tokens out
   FILE.py   any config file, served like qwen3_4b
-Servers start without the engine's warm-up; each cell first sends its whole request set once,
-unmeasured, at the same concurrency, which compiles the shapes the measured pass meets. Per cell: output tokens/s and requests/s over
+Servers start without the engine's warm-up; each cell first runs, unmeasured, a ladder of waves of
+1, 2, 4, ... < c requests (every row bucket the measured pass's tail may reach) and then its whole
+request set at concurrency c, which compiles the shapes the measured pass meets. Per cell: output tokens/s and requests/s over
 the cell's wall time; TTFT (request sent → first
 token), ITL (gaps between streamed chunks, each holding one round's tokens) and TPOT ((end − first
 token) / (tokens − 1)) as median and p99; the mean accepted length per round and the compilations
@@ -195,7 +196,11 @@ def main(argv=None) -> int:
                         result["skipped"].append([model, mode, c])
                         continue
                     bodies = request_bodies("bench", endpoint, max(8, 2 * c), args, prompts, vocab)
-                    _, warm_seconds = asyncio.run(run_cell(server.url, bodies, c, path))
+                    warm_start = time.monotonic()
+                    for rows in (1 << i for i in range((c - 1).bit_length())):
+                        asyncio.run(run_cell(server.url, bodies[:rows], rows, path))
+                    asyncio.run(run_cell(server.url, bodies, c, path))
+                    warm_seconds = time.monotonic() - warm_start
                     before = metric_samples(server.url)
                     results, seconds = asyncio.run(run_cell(server.url, bodies, c, path))
                     cell = {"model": model, "mode": mode, "concurrency": c, "startup_s": startup,
