@@ -266,7 +266,8 @@ def test_a_warm_engine_does_not_compile_on_new_traffic(target, dspark, compile_c
 
 def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tmp_path, monkeypatch):
     """Without an SPS table the engine times its own rounds once (cached on disk), serves losslessly,
-    and its warm-up covered every draft and verify budget the scheduler then picks."""
+    and its warm-up covered every round budget the scheduler then picks. Profiling and serving
+    launch the same fused rounds: no draft or verify program of a split round is ever compiled."""
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
     config = EngineConfig(**{**CONFIG.__dict__, "warmup": True})
     engine = started(Engine(target, dspark, spec=SpecParams(block_size=GAMMA, scheduler="causal"), config=config))
@@ -274,6 +275,7 @@ def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tm
     assert [r[0] for r in results] == alone
     assert len(list((tmp_path / "sps").glob("*.json"))) == 1
     assert engine.stats()["compiles_after_warmup"] == 0
+    assert not [shape for shape in engine.core.compiles.shapes if shape.startswith(("draft", "verify"))]
     assert_pool_whole(engine)
     engine.shutdown(1.0)
 

@@ -733,11 +733,14 @@ class Core:
                                                            slots, page_table, shape=self._round_shape(filters))
         return out
 
-    def fused_round(self, slots: np.ndarray, page_table, filters: bool, capacity: int, budget: int) -> RoundOutputs:
+    def fused_round(self, slots: np.ndarray, page_table, filters: bool, capacity: int, budget: int,
+                    sps=None) -> RoundOutputs:
+        """One whole round; `sps` (the profiler's) replaces this core's table, shaped like `_sps_for(rows)`."""
+        sps = self._sps_for(len(slots)) if sps is None else sps
         with self.compiles.track(f"round rows={len(slots)} budget={budget} filters={filters}"):
             self.state, self.caches, self.dstate, out = _round_program(
-                self.graphdefs, self.params, self.state, self.caches, self.dstate, slots, page_table,
-                self._sps_for(len(slots)), jnp.int32(capacity), shape=self._round_shape(filters), budget=budget)
+                self.graphdefs, self.params, self.state, self.caches, self.dstate, slots, page_table, sps,
+                jnp.int32(capacity), shape=self._round_shape(filters), budget=budget)
         return out
 
     def draft_step(self, slots: np.ndarray, page_table, filters: bool) -> Drafted:

@@ -1,16 +1,16 @@
 """SPS profiling: rounds per second of the real speculative round at each verify-token budget.
 
 The round's shapes come in buckets, so its cost is a step function of the verify batch size B:
-every B inside one bucket costs the same. The profiler runs a Core's own draft and verify
-programs on its slots at each budget bucket of its largest row bucket (medians after warm-up,
-synchronised) and expands that into the table `sps[B]` the causal and async schedulers read for
-every row bucket (they count only a round's live rows). Tables are cached as JSON per device,
-kernel backend, target, draft, rows, γ and context, so the profile runs once.
+every B inside one bucket costs the same. The profiler runs a causal or async Core's own fused
+round on its slots at each budget bucket of its largest row bucket (medians after warm-up,
+synchronised) — the very programs serving launches, so profiling compiles nothing serving does
+not use — and expands that into the table `sps[B]` the schedulers read for every row bucket
+(they count only a round's live rows). Tables are cached as JSON per device, kernel backend,
+target, draft, rows, γ and context, so the profile runs once.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -27,13 +27,6 @@ from dspark_jax.cache import bucket, pages_for
 from dspark_jax.checkpoint.assets import cache_dir
 from dspark_jax.speculative.decode import MIN_LANE, Core, Piece, pack_chunk
 from dspark_jax.speculative.schedule import SpecParams
-
-
-def _spread(rows: int, gamma: int, extra: int) -> np.ndarray:
-    """Verify lengths ℓ_r ≤ γ summing to `extra` (as evenly as possible)."""
-    lengths = np.full(rows, extra // rows, np.int32)
-    lengths[: extra % rows] += 1
-    return np.minimum(lengths, gamma)
 
 
 def place_rows(core: Core, rows: int, context: int, table: np.ndarray, rng) -> np.ndarray:
@@ -65,8 +58,13 @@ def measure_round_seconds(core: Core, *, context: int = 256, repeats: int = 5, s
     """Median seconds of one round (draft + schedule + verify + commit) per verify-token bucket.
 
     Runs on the core's slots and first pages, so nothing else may be running on it. `context`
-    should come from `usable_context`.
+    should come from `usable_context`. Each bucket's round schedules as many tokens as the bucket
+    holds: async through its capacity, causal through a table flat up to that count and zero
+    past it (Algorithm 1 admits while Θ grows).
     """
+    if core.scheduler not in ("causal", "async"):
+        raise ValueError(f"measure_round_seconds: the core's scheduler is {core.scheduler!r}; expected a causal or "
+                         "async core (its fused rounds are what the table describes)")
     rng = np.random.default_rng(seed)
     width = bucket(core.slots)
     rows = min(width, core.slots)
@@ -77,19 +75,16 @@ def measure_round_seconds(core: Core, *, context: int = 256, repeats: int = 5, s
     for r in range(rows):
         first = 0 if shared else r * per_row
         table[r, :per_row] = np.arange(first, first + per_row)
-    if core.needs_sps:
-        core.use_sps(np.ones(width * (gamma + 1) + 1))  # scheduling costs the same whatever the rates
     seconds = {}
     for budget in core.budget_buckets(width):
-        lengths = np.zeros(width, np.int32)
-        lengths[:rows] = _spread(rows, gamma, min(budget, rows * (gamma + 1)) - rows)
+        tokens = min(budget, rows * (gamma + 1))
+        sps = jnp.asarray(np.arange(width * (gamma + 1) + 1) <= tokens, jnp.float32)
         times = []
         for rep in range(repeats + 1):  # the first run compiles
             slots = place_rows(core, rows, context, table, rng)
             jax.block_until_ready(core.state)
             start = time.perf_counter()
-            drafted = core.draft_step(slots, table, filters=False)
-            out = core.verify(dataclasses.replace(drafted, lengths=jnp.asarray(lengths)), budget)
+            out = core.fused_round(slots, table, filters=False, capacity=tokens - rows, budget=budget, sps=sps)
             jax.block_until_ready(out)
             if rep:
                 times.append(time.perf_counter() - start)
@@ -129,8 +124,9 @@ def profile_sps(target, draft, *, rows: int, gamma: int, context: int = 256, rep
     if cached_only:
         return None
     if core is None:
-        core = Core(target, draft, SpecParams(block_size=gamma), slots=rows, max_context=context + 1, page_size=16,
-                    num_pages=rows * pages_for(context + gamma + 1, 16), backend=backend)
+        core = Core(target, draft, SpecParams(block_size=gamma, scheduler="causal"), slots=rows,
+                    max_context=context + 1, page_size=16, num_pages=rows * pages_for(context + gamma + 1, 16),
+                    backend=backend)
     seconds = measure_round_seconds(core, context=context, repeats=repeats)
     table = sps_table(core, seconds)
     path.parent.mkdir(parents=True, exist_ok=True)
