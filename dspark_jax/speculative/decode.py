@@ -39,8 +39,7 @@ from dspark_jax.speculative.compiles import CompileLog
 from dspark_jax.speculative.sampling import (ACCEPT_STREAM, DRAFT_STREAM, TARGET_STREAM, SamplingArrays,
                                              position_keys, sample)
 from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacity, causal_token_bound, schedule_prefix,
-                                             survival,
-                                             threshold_lengths)
+                                             survival, threshold_lengths)
 from dspark_jax.speculative.verify import verify
 
 STOP_SLOTS = 16  # token ids per request that end it (its EOS ids included)
@@ -544,13 +543,13 @@ def _round_program(graphdefs, params, state, caches, dstate, slots, page_table, 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
 def _draft_program(graphdefs, params, state, dstate, slots, page_table, sps, *, shape):
-    """Draft and schedule; the host reads the token total to pick the verify budget."""
+    """Draft and schedule (threshold); the host reads the token total to pick the verify budget."""
     with ops.use(shape.backend):
         target, draft = _merge(graphdefs, params)
         rows = _gather(state, slots, shape.filters)
-        capacity = jnp.int32(slots.shape[0] * shape.gamma)  # no cap: the verify budget follows the schedule
+        uncapped = jnp.int32(slots.shape[0] * shape.gamma)  # the verify budget follows the schedule
         proposal, lengths, _, dstate = _draft_and_schedule(target, draft, dstate, rows, state.history, page_table,
-                                                           sps, capacity, shape)
+                                                           sps, uncapped, shape)
         total = jnp.sum(jnp.where(rows.done, 0, lengths + 1))
         return proposal, lengths, total, dstate
 
