@@ -138,6 +138,16 @@ def test_causal_rounds_launch_at_the_budget_the_sps_table_bounds(target, dspark)
     assert causal.stats.verified_tokens > causal.stats.rounds  # draft tokens were verified
 
 
+def test_threshold_rounds_split_only_where_the_budget_has_a_choice(target, dspark):
+    """γ+1 = 5 tokens a row against a 16-token smallest bucket: 1–2 rows always launch 5–10 tokens, so
+    their rounds run fused (no host read between draft and verify); from 4 rows on they split.
+    test_dspark_greedy_equals_plain runs both paths (batch 1 and 4)."""
+    core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="threshold"), slots=8, max_context=64,
+                page_size=16, num_pages=32)
+    assert [core.splits(rows) for rows in (1, 2, 4, 8)] == [False, False, True, True]
+    assert [core.budgets(rows) for rows in (1, 2, 4)] == [[5], [10], [16, 20]]
+
+
 def test_greedy_outputs_do_not_depend_on_batch_neighbours(target, dspark):
     prompts = prompts_of(6, seed=31)
     together = generate(target, dspark, prompts, max_new_tokens=16, spec=SpecParams(block_size=GAMMA),

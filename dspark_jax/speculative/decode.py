@@ -640,10 +640,10 @@ class Core:
     def scheduler(self) -> str | None:
         return self.spec.scheduler if self.spec is not None else None
 
-    @property
-    def split(self) -> bool:
-        """Rounds run as draft + verify: the threshold scheduler's budget is known only after drafting."""
-        return self.scheduler == "threshold"
+    def splits(self, rows: int) -> bool:
+        """Rounds of `rows` rows run as draft + verify: the threshold scheduler's budget is known only
+        after drafting, and is worth a host read only where the rows have more than one bucket."""
+        return self.scheduler == "threshold" and len(self.budget_buckets(rows)) > 1
 
     def row_buckets(self) -> list[int]:
         return [1 << i for i in range(bucket(self.slots).bit_length())]
@@ -760,16 +760,16 @@ class Core:
     def begin_round(self, slots: np.ndarray, page_table: np.ndarray, filters: bool, capacity: int | None = None):
         """Launch this step's round over `slots`; `finish_round` completes it.
 
-        The threshold scheduler stops after drafting (the host has not read the token total yet);
+        A split round (`splits`) stops after drafting (the host has not read the token total yet);
         the others launch the whole round. `capacity` (async) is the token count computed by an
         earlier round (None: every draft token may be admitted).
         """
         rows = len(slots)
         if self.draft is None:
             return self.decode(slots, page_table, filters)
-        if self.split:
+        if self.splits(rows):
             return self.draft_step(slots, page_table, filters)
-        if self.scheduler == "fixed":
+        if self.scheduler in ("fixed", "threshold"):
             return self.fused_round(slots, page_table, filters, rows * self.gamma, rows * (self.gamma + 1))
         if self.scheduler == "causal":
             budget = self.causal_budget(rows, int(np.sum(slots < self.slots)))
@@ -807,10 +807,10 @@ class Core:
                 if self.draft is None:
                     self.decode(slots, table, filters)
                     continue
-                if self.split:
+                if self.splits(rows):
                     drafted = self.draft_step(slots, table, filters)
                 for budget in self.budgets(rows):
-                    if self.split:
+                    if self.splits(rows):
                         self.verify(drafted, budget)
                     else:
                         self.fused_round(slots, table, filters, budget - rows if budget > rows else 0, budget)
