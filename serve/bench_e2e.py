@@ -12,7 +12,8 @@ Recorded per mode and batch: output tokens/s in total and per user (total ÷ B),
 modes also record whether their tokens equal plain decoding's (they must).
 --hf runs `serve/bench_hf.py --prompt-ids` on the same token ids in a subprocess (HF `generate`,
 plain and with prompt lookup, its n-gram drafting) and records its tok/s and whether its greedy
-tokens equal ours; it needs torch with a CUDA device and a target with an HF folder.
+tokens equal ours; it needs torch (on the first CUDA device, else the CPU) and a target with an HF
+folder, and --hf-python names a Python that has them when this one does not.
 """
 
 from __future__ import annotations
