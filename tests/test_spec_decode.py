@@ -168,21 +168,29 @@ def test_sampled_request_is_reproducible_across_batch_compositions(target, dspar
 
 
 @pytest.mark.slow
-def test_sampled_first_tokens_follow_the_target(target, dspark, transition):
+@pytest.mark.parametrize("scheduler", ["fixed", "causal"])
+def test_sampled_first_tokens_follow_the_target(target, dspark, transition, scheduler):
     """Engine-level check at T=1: the first two sampled tokens after one prompt follow the target's law.
 
     (The toy-loop test in test_lossless.py is the high-powered one; this one runs the real round.)
+    causal: rows reach their round 32 at a time (a 512-token prefill chunk of 16-token lanes); rates
+    flat up to 48 verify tokens and a quarter past them bound each round at the 64-token bucket,
+    where Algorithm 1 admits at most 16 drafts (fixed verifies 32 × γ).
     """
     from scipy import stats
 
     prompt = [5, 17, 3]
     rows, calls = 256, 12
+    knee = tuple(1.0 if b <= 48 else 0.25 for b in range(rows * (GAMMA + 1) + 1))
+    spec = SpecParams(block_size=GAMMA, scheduler=scheduler, sps=knee if scheduler == "causal" else None)
     counts = np.zeros((VOCAB, VOCAB), np.int64)
     for call in range(calls):
         res = generate(target, dspark, [prompt] * rows, max_new_tokens=2, sampling=SamplingParams(temperature=1.0),
-                       spec=SpecParams(block_size=GAMMA), seed=call)
+                       spec=spec, seed=call)
         for t in res.tokens:
             counts[t[0], t[1]] += 1
+        drafted = res.stats.verified_tokens - res.stats.rounds  # one round per row, 8 rounds of 32 rows
+        assert 0 < drafted <= (8 * 16 if scheduler == "causal" else rows * GAMMA)
     first, _ = forward(target, jnp.asarray([prompt]))
     p1 = np.asarray(jax.nn.softmax(first[0, -1]), np.float64)
     p2 = np.asarray(jax.nn.softmax(jnp.asarray(transition)), np.float64)  # the target's next-token law
