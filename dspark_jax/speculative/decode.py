@@ -642,8 +642,9 @@ class Core:
 
     def splits(self, rows: int) -> bool:
         """Rounds of `rows` rows run as draft + verify: the threshold scheduler's budget is known only
-        after drafting, and is worth a host read only where the rows have more than one bucket."""
-        return self.scheduler == "threshold" and len(self.budget_buckets(rows)) > 1
+        after drafting, and is worth a host read only where the rows have more than one bucket
+        (their full budget exceeds the smallest)."""
+        return self.scheduler == "threshold" and rows * (self.gamma + 1) > MIN_BUDGET
 
     def row_buckets(self) -> list[int]:
         return [1 << i for i in range(bucket(self.slots).bit_length())]
