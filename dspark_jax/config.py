@@ -402,7 +402,8 @@ class SpecConfig(Validated):
     scheduler: Literal["fixed", "threshold", "causal", "async"] = "fixed"
     block_size: int = 0  # draft tokens per round; 0 = the draft's block size
     threshold: float = 0.5
-    sps_profile: str = ""  # cached SPS table (JSON); empty = profile on first use
+    sps_profile: str = ""  # an SPS table (JSON with an "sps" list, as profile_sps caches it); empty = profile
+    plain_steps: bool = True  # causal/async: a plain step where past rounds say a round pays less
 
     def check(self) -> None:
         self._require(0 <= self.block_size <= 32, "block_size", "0..32 (0 = the draft's)")

@@ -87,7 +87,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def spec_params(cfg: Config, draft) -> SpecParams:
     block = cfg.spec.block_size or cfg.draft.block_size
-    return SpecParams(block_size=block, scheduler=cfg.spec.scheduler, threshold=cfg.spec.threshold)
+    sps = None
+    if cfg.spec.sps_profile:
+        table = json.loads(Path(cfg.spec.sps_profile).read_text())
+        if not isinstance(table, dict) or not isinstance(table.get("sps"), list):
+            raise ConfigError(f"spec.sps_profile={cfg.spec.sps_profile!r} holds no \"sps\" list; expected a JSON "
+                              "object like the tables profile_sps caches")
+        sps = table["sps"]
+    return SpecParams(block_size=block, scheduler=cfg.spec.scheduler, threshold=cfg.spec.threshold, sps=sps,
+                      plain_steps=cfg.spec.plain_steps)
 
 
 def mesh_devices(cfg: Config, devices: int | None) -> int:

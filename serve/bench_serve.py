@@ -7,7 +7,8 @@
 For each model and mode a server process (`python -m dspark_jax.serve`, on 127.0.0.1) is started
 and, at each concurrency c, c streaming clients send requests back to back (max(8, 2c) requests
 in all). Modes: `none` decodes plainly (draft.kind=none), `fixed` verifies the draft's γ tokens
-every round, `causal` lets the confidence scheduler choose. Models:
+every round, `causal` lets the confidence scheduler choose (and runs plain steps where past rounds
+say a round pays less), `causal_rounds` is causal without that option. Models:
   smollm2   SmolLM2-135M-Instruct + the shipped DSpark draft; the first turn of each prompt, through
             /v1/chat/completions (answers end at EOS or --max-tokens)
   qwen3_4b  Qwen3-4B's architecture with random weights + a random 5-layer DSpark draft; random
@@ -18,8 +19,9 @@ Servers start without the engine's warm-up; each cell first runs, unmeasured, a 
 request set at concurrency c, which compiles the shapes the measured pass meets. Per cell: output tokens/s and requests/s over
 the cell's wall time; TTFT (request sent → first
 token), ITL (gaps between streamed chunks, each holding one round's tokens) and TPOT ((end − first
-token) / (tokens − 1)) as median and p99; the mean accepted length per round and the compilations
-during the measured part (should be 0), from the server's /metrics. This process never touches the GPU (the server owns it).
+token) / (tokens − 1)) as median and p99; the mean accepted length per round, the share of request-steps run
+plain and the compilations during the measured part (should be 0), from the server's /metrics. This process
+never touches the GPU (the server owns it).
 Cells left when --time-budget seconds have passed are skipped and listed.
 """
 
@@ -41,7 +43,8 @@ from dspark_jax.config import load_config
 from dspark_jax.eval import read_prompt_sets
 from dspark_jax.server.process import ServerProcess
 
-MODES = {"none": ["draft.kind=none"], "fixed": ["spec.scheduler=fixed"], "causal": ["spec.scheduler=causal"]}
+MODES = {"none": ["draft.kind=none"], "fixed": ["spec.scheduler=fixed"], "causal": ["spec.scheduler=causal"],
+         "causal_rounds": ["spec.scheduler=causal", "spec.plain_steps=false"]}
 MODELS = {  # name -> (config, endpoint, extra --set overrides)
     "smollm2": ("smollm2_dspark.py", "chat", ["serve.max_context=2048"]),
     "qwen3_4b": ("qwen3_4b.py", "completions", ["serve.max_context=1024"]),
@@ -49,6 +52,7 @@ MODELS = {  # name -> (config, endpoint, extra --set overrides)
 # the engine's metric names (ENGINE_API.md)
 ACCEPTED = "dspark_accepted_length"
 COMPILES = "dspark_compilations_after_warmup_total"
+PLAIN = "dspark_plain_steps_total"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -106,6 +110,7 @@ def summarize(results: list[dict], seconds: float, before: dict, after: dict) ->
     tokens = sum(r["tokens"] for r in ok)
     rounds = after.get(ACCEPTED + "_count", 0.0) - before.get(ACCEPTED + "_count", 0.0)
     accepted = after.get(ACCEPTED + "_sum", 0.0) - before.get(ACCEPTED + "_sum", 0.0)
+    plain = after.get(PLAIN, 0.0) - before.get(PLAIN, 0.0)  # request-steps run plain (not in `rounds`)
     ms = lambda v: None if v is None else round(1e3 * v, 2)  # noqa: E731
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [gap for r in ok for gap in r["itl"]]
@@ -118,6 +123,7 @@ def summarize(results: list[dict], seconds: float, before: dict, after: dict) ->
         "itl_ms_p50": ms(percentile(itl, 50)), "itl_ms_p99": ms(percentile(itl, 99)),
         "tpot_ms_p50": ms(percentile(tpot, 50)),
         "accepted_length": round(accepted / rounds, 3) if rounds else None,
+        "plain_share": round(plain / (plain + rounds), 3) if plain + rounds else None,
         "compilations": after.get(COMPILES, 0.0) - before.get(COMPILES, 0.0),
     }
 
@@ -220,7 +226,7 @@ def main(argv=None) -> int:
 
 def print_table(result: dict) -> None:
     columns = ["model", "mode", "concurrency", "output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99",
-               "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "accepted_length", "failed", "compilations"]
+               "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "accepted_length", "plain_share", "failed", "compilations"]
     rows = [[str(cell.get(c, "")) for c in columns] for cell in result["cells"] if "error" not in cell]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
     print(f"\n{result['device']}, {result['max_tokens']} tokens max, T={result['temperature']}")

@@ -20,6 +20,7 @@ from conftest import randomize_params
 from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.engine import Engine, EngineClosed, EngineConfig, EngineFull, RequestParams, generate
+from dspark_jax.engine.scheduler import PROBE_EVERY
 from dspark_jax.models import create_target, forward
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
@@ -276,6 +277,30 @@ def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tm
     assert len(list((tmp_path / "sps").glob("*.json"))) == 1
     assert engine.stats()["compiles_after_warmup"] == 0
     assert not [shape for shape in engine.core.compiles.shapes if shape.startswith(("draft", "verify"))]
+    both = np.arange(2, dtype=np.int32)  # warm-up also timed plain steps against these rounds
+    assert engine.core.plain_pays(both, tau=0.0) and not engine.core.plain_pays(both, tau=1e6)
+    assert_pool_whole(engine)
+    engine.shutdown(1.0)
+
+
+def test_a_causal_engine_runs_plain_steps_where_rounds_pay_less(target, dspark, alone):
+    """Step costs saying a round takes as long as 50 plain steps: after a bucket's first round the
+    engine runs plain steps, with a round every PROBE_EVERY of them (still accepting drafts: plain
+    steps keep the draft's context), and every output stays plain decoding's."""
+    engine = Engine(target, dspark, spec=SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), config=CONFIG)
+    core = engine.core
+    core.use_step_seconds({r: {"plain": 1.0, "rounds": {b: 50.0 for b in core.budgets(r)}} for r in core.row_buckets()})
+    started(engine)
+    long = [(REQUESTS[i][0], RequestParams(max_tokens=56)) for i in (0, 2)]  # short prompts, long outputs
+    results = run_all(engine, [(p, RequestParams(max_tokens=m)) for p, m in REQUESTS] + long)
+    assert [r[0] for r in results[:len(REQUESTS)]] == alone
+    solo = Engine(target, None, config=CONFIG)
+    assert [r[0] for r in results[len(REQUESTS):]] == [r[0] for r in run_all(started(solo), long)]
+    solo.shutdown(1.0)
+    metrics = engine.registry.get_sample_value
+    plain, rounds = metrics("dspark_plain_steps_total"), metrics("dspark_verify_length_count")
+    assert plain > 2 * PROBE_EVERY and 0 < rounds < plain / 4  # mostly plain steps, some request-rounds
+    assert metrics("dspark_position_accepted_total", {"position": "1"}) > 0
     assert_pool_whole(engine)
     engine.shutdown(1.0)
 

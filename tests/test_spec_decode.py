@@ -26,7 +26,7 @@ from dspark_jax.drafts.base import CacheGeometry, ProposeInputs
 from dspark_jax.models import create_target, forward
 from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
-from dspark_jax.speculative.decode import Core
+from dspark_jax.speculative.decode import Core, Piece, pack_chunk
 from dspark_jax.speculative.schedule import SpecParams
 
 VOCAB = 61
@@ -136,6 +136,54 @@ def test_causal_rounds_launch_at_the_budget_the_sps_table_bounds(target, dspark)
     causal = generate(target, dspark, prompts, max_new_tokens=20, spec=spec)
     assert causal.tokens == generate(target, None, prompts, max_new_tokens=20).tokens
     assert causal.stats.verified_tokens > causal.stats.rounds  # draft tokens were verified
+
+
+def test_plain_steps_between_rounds_keep_the_output_and_the_draft_context(target, dspark):
+    """A speculative core's plain step commits the target's token and feeds the anchor's position to
+    the draft as a round's commit does: after plain steps mixed with rounds the tokens equal plain
+    decoding and the draft's context cache holds, at every committed position, the K/V a dense pass
+    over the committed sequence gives (without the plain step's ingest those positions stay empty)."""
+    prompt = prompts_of(1, seed=101)[0]
+    new = 30
+    core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), slots=1, max_context=80,
+                page_size=16, num_pages=6)
+    table = np.arange(core.pages_per_row, dtype=np.int32)[None]
+    admission = dict(seed=0, stream=0, temperature=0.0, top_k=0, top_p=1.0, max_new=new, stop_ids=(), rounds=0)
+    piece = Piece(slot=0, tokens=prompt, start=0, page_row=table[0], next_token=0, admission=admission, completes=True)
+    core.prefill(pack_chunk([piece], rows=1, lane=64, slots=1, scratch_row=core.scratch_row), 64)
+    slots, kinds = np.zeros(1, np.int32), []
+    while not bool(core.state.done[0]):
+        plain = len(kinds) % 3 != 1  # plain, round, plain, plain, round, ...
+        out = core.finish_round(core.begin_round(slots, table, False, plain=plain))
+        kinds.append((plain, int(out.accepted[0])))
+    assert any(p for p, _ in kinds) and any(a for p, a in kinds if not p)  # both kinds ran; drafts were accepted
+    end = int(core.state.lens[0])  # the final anchor's position: every earlier one was ingested
+    sequence = np.asarray(core.state.history[0, :end + 1])
+    assert sequence[len(prompt):].tolist() == generate(target, None, [prompt], max_new_tokens=new).tokens[0]
+
+    _, captured = forward(target, jnp.asarray(sequence[None, :end]), layers=dspark.capture_layers)
+    context = dspark.context(jnp.concatenate([captured[i][0] for i in dspark.capture_layers], axis=-1))
+    for layer, (k_pages, v_pages) in zip(dspark.layers, core.dstate.caches):
+        k, v = layer.self_attn.project_kv(context, jnp.arange(end))
+        flat = k_pages.shape[0] * k_pages.shape[1]
+        np.testing.assert_allclose(np.asarray(k_pages).reshape(flat, *k.shape[1:])[:end], np.asarray(k), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(v_pages).reshape(flat, *v.shape[1:])[:end], np.asarray(v), atol=1e-4)
+
+
+def test_plain_pays_weighs_tokens_per_second_of_a_round_against_a_plain_step(target, dspark):
+    core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), slots=4, max_context=64,
+                page_size=16, num_pages=24)
+    slots = np.array([0, 1, 4, 4], np.int32)  # two live rows of a 4-row round
+    assert not core.plain_pays(slots, tau=1.0)  # nothing measured: always speculate
+    with pytest.raises(ValueError, match=r"lack \(rows, budget\)"):
+        core.use_step_seconds({1: {"plain": 1.0, "rounds": {}}})
+    core.use_step_seconds({str(r): {"plain": 1.0, "rounds": {str(b): 2.5 for b in core.budgets(r)}}
+                           for r in core.row_buckets()})  # string keys, as JSON carries them
+    assert core.plain_pays(slots, tau=2.4) and not core.plain_pays(slots, tau=2.6)
+    fixed = Core(target, dspark, SpecParams(block_size=GAMMA), slots=4, max_context=64, page_size=16, num_pages=24)
+    off = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS, plain_steps=False), slots=4,
+               max_context=64, page_size=16, num_pages=24)
+    assert core.needs_step_seconds is False and not fixed.plain_steps and not off.needs_step_seconds
 
 
 def test_threshold_rounds_split_only_where_the_budget_has_a_choice(target, dspark):

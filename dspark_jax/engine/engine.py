@@ -36,7 +36,7 @@ from dspark_jax.engine.scheduler import Request, Scheduler, StepReport, check_pr
 from dspark_jax.engine.text import TextStream
 from dspark_jax.sharding import is_leader
 from dspark_jax.speculative.decode import Core
-from dspark_jax.speculative.profile import profile_sps
+from dspark_jax.speculative.profile import SPS_CONTEXT, measure_step_seconds, profile_sps, usable_context
 from dspark_jax.speculative.schedule import SpecParams
 
 log = logging.getLogger("dspark_jax.engine")
@@ -270,6 +270,8 @@ class Engine:
         core, start = self.core, time.perf_counter()
         if core.needs_sps:
             core.use_sps(self._sps_table())
+        if core.needs_step_seconds:  # every process measures (the programs span all devices); the leader's count
+            core.use_step_seconds(self._agreed(measure_step_seconds(core, context=usable_context(core, SPS_CONTEXT))))
         if self.config.warmup:  # every process compiles the same programs and stops where the leader does
             core.compile_all(self.config.prefill_chunk, stop=lambda: self._agreed(self._closing))
         log.info("warm-up: %d programs compiled in %.1f s", core.compiles.count, time.perf_counter() - start)
@@ -336,6 +338,7 @@ class Engine:
         for fact in report.rounds:
             self.metrics.observe_round(fact)
         self.metrics.preemptions.inc(len(report.preempted))
+        self.metrics.plain_steps.inc(report.plain_steps)
         finished = set(report.finished)
         for request, tokens in report.tokens.items():
             self._emit(request, tokens, request in finished)

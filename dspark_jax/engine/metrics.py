@@ -46,6 +46,9 @@ class EngineMetrics:
                                 "bucket should never compile)", registry=r)
         self.preemptions = Counter("dspark_preemptions", "Requests preempted (recomputed later) when KV pages "
                                    "ran out", registry=r)
+        self.plain_steps = Counter("dspark_plain_steps", "Request-steps a speculative engine ran as plain decoding "
+                                   "(past rounds' accepted lengths said a round gives fewer tokens/s); not "
+                                   "request-rounds", registry=r)
         self.gamma = gamma
         self._reached = [0] * gamma
         self._accepted = [0] * gamma

@@ -10,7 +10,8 @@ A `Scheduler` drives one `Core` (the device slots and programs). Each `step()`:
 3. packs a prefill chunk from the admitted requests still prefilling (up to `prefill_chunk`
    tokens) and launches it;
 4. launches one round (a decode step, or a speculative round) over every decoding request,
-   requests that just finished their prefill included, in R = the next power of two rows;
+   requests that just finished their prefill included, in R = the next power of two rows (a
+   speculative core runs a plain step instead where past rounds say it pays more; see Scheduler);
 5. reads back the previous step's outputs while this step runs on the device, and reports what
    every request received.
 Reading one step late keeps the device busy; a request that finished in the unread step runs one
@@ -33,6 +34,9 @@ import numpy as np
 from dspark_jax.cache import PageAllocator, bucket, pages_for
 from dspark_jax.engine.params import RequestParams
 from dspark_jax.speculative.decode import MIN_LANE, STOP_SLOTS, Core, Piece, pack_chunk
+
+PROBE_EVERY = 16  # plain steps of a row bucket between the rounds that keep its accepted length current
+TAU_WEIGHT = 0.125  # weight of the newest round in a row bucket's moving mean of committed tokens
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,6 +94,7 @@ class StepReport:
     rounds: list[RoundFact] = dataclasses.field(default_factory=list)
     preempted: list[Request] = dataclasses.field(default_factory=list)
     idle: bool = False  # nothing was launched or read: waiting requests could not be admitted
+    plain_steps: int = 0  # request-steps a speculative core ran plain (Core.plain_pays; not in `rounds`)
 
 
 @dataclasses.dataclass
@@ -100,12 +105,18 @@ class _Launched:
     prefill: object  # PrefillOutputs or None
     rows: list[Request]  # the round's requests, by row
     round: object  # RoundOutputs or None
+    plain: bool  # the round is a plain step of a speculative core
 
 
 class Scheduler:
     """`min_rows`: rounds never run fewer rows (padding the rest). The engine keeps 1, so a round
     costs what its live requests need; `generate` runs its whole batch's bucket, compiling one
-    round program per batch instead of one per row bucket the batch passes through."""
+    round program per batch instead of one per row bucket the batch passes through.
+
+    Where the core has measured step costs (`Core.plain_pays`), each row bucket keeps a moving
+    mean of the tokens its rounds committed per row and runs plain steps while that mean says a
+    round pays less, with a round every PROBE_EVERY plain steps to keep the mean current.
+    """
 
     def __init__(self, core: Core, *, prefill_chunk: int, min_rows: int = 1):
         self.core = core
@@ -119,6 +130,8 @@ class Scheduler:
         self._admissions = itertools.count()
         self._launched: _Launched | None = None
         self._capacity: int | None = None  # async: the capacity the latest read round computed
+        self._tau: dict[int, float] = {}  # by row bucket: moving mean of committed tokens per row and round
+        self._plain_run: dict[int, int] = {}  # by row bucket: plain steps since its last round
         self.preemptions = 0
 
     # -- queue
@@ -139,7 +152,8 @@ class Scheduler:
         state = ([(r.id, len(r.tokens)) for r in self.waiting],
                  [(r.id, r.state, r.slot, r.pages, r.order, r.target, r.prefilled, r.inflight, r.len_bound,
                    r.tokens[-1:], len(r.tokens)) for r in self.active],
-                 self._free_slots, self.allocator.free_pages, self._launched is not None, self._capacity)
+                 self._free_slots, self.allocator.free_pages, self._launched is not None, self._capacity,
+                 sorted(self._tau.items()), sorted(self._plain_run.items()))
         return hashlib.blake2b(repr(state).encode(), digest_size=8).hexdigest()
 
     def retire(self, request: Request, reason: str) -> None:
@@ -203,7 +217,7 @@ class Scheduler:
         self._admit()
         completing, prefill = self._prefill()
         rows = [r for r in self.active if r.state == "decode"]
-        pending = None
+        pending, plain = None, False
         if rows:
             width = max(bucket(len(rows)), self.min_rows)
             slots, table = self.core.padding_rows(width)
@@ -211,15 +225,24 @@ class Scheduler:
                 slots[i], table[i] = request.slot, self._page_row(request)
                 request.inflight += 1
                 request.len_bound += self.width
-            pending = self.core.begin_round(slots, table, any(r.params.filters for r in rows), self._capacity)
+            plain = self._plain(width, slots)
+            pending = self.core.begin_round(slots, table, any(r.params.filters for r in rows), self._capacity, plain)
         report.idle = self._launched is None and prefill is None and pending is None
         if self._launched is not None:
             self._read(self._launched, report)
             self._launched = None
         if prefill is not None or pending is not None:
             self._launched = _Launched(completing, prefill, rows,
-                                       self.core.finish_round(pending) if pending is not None else None)
+                                       self.core.finish_round(pending) if pending is not None else None, plain)
         return report
+
+    def _plain(self, width: int, slots: np.ndarray) -> bool:
+        """Run a plain step rather than a round over these rows (see the class doc)."""
+        tau = self._tau.get(width)  # None until a round of this bucket was read: speculate
+        plain = (tau is not None and self._plain_run.get(width, 0) < PROBE_EVERY
+                 and self.core.plain_pays(slots, tau, self._capacity))
+        self._plain_run[width] = self._plain_run.get(width, 0) + 1 if plain else 0
+        return plain
 
     def _admit(self) -> None:
         decoding = sum(r.state == "decode" for r in self.active)
@@ -301,10 +324,20 @@ class Scheduler:
                 request.rounds += 1
                 request.committed += count
                 request.verified += int(outputs.lengths[i]) + 1
-                conf = None if outputs.confidence_logits is None else outputs.confidence_logits[i]
-                report.rounds.append(RoundFact(request, int(outputs.lengths[i]), int(outputs.accepted[i]), count, conf))
+                if launched.plain:
+                    report.plain_steps += 1
+                else:
+                    conf = None if outputs.confidence_logits is None else outputs.confidence_logits[i]
+                    report.rounds.append(RoundFact(request, int(outputs.lengths[i]), int(outputs.accepted[i]), count,
+                                                   conf))
                 self._receive(request, outputs.tokens[i, :count].tolist(), bool(outputs.done[i]), now, report)
-            if self.core.scheduler == "async":
+            live = outputs.live[:len(launched.rows)]
+            if not launched.plain and self.core.draft is not None and live.any():
+                width = max(bucket(len(launched.rows)), self.min_rows)
+                tau = float(np.mean(outputs.accepted[:len(launched.rows)][live])) + 1.0
+                self._tau[width] = tau if width not in self._tau else self._tau[width] + TAU_WEIGHT * (
+                    tau - self._tau[width])
+            if self.core.scheduler == "async" and not launched.plain:
                 self._capacity = int(outputs.next_capacity)
 
     def _receive(self, request: Request, tokens: list[int], done: bool, now: float, report: StepReport) -> None:

@@ -10,7 +10,8 @@ which requests run, where their pages are and when they come and go is the calle
 (dspark_jax.engine). The programs:
 - prefill: a packed chunk of prompt pieces (admitting the slots whose piece starts a prompt,
   sampling the first token of those whose piece ends it), the target pass, the draft's ingest;
-- decode: one token per row (no draft);
+- decode: one token per row; with a draft, it ingests the new position too (a plain step a
+  speculative core runs where a round would pay less);
 - round: a whole speculative round (draft, schedule, verify, commit) for the fixed and async
   schedulers, whose verify budget is known before launch;
 - draft + verify: the round split after scheduling, for threshold and causal, whose budget the
@@ -435,26 +436,30 @@ class _RoundShape:
     filters: bool  # some row uses top-k/top-p
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches"))
-def _decode_program(graphdefs, params, state: SlotState, caches, slots, page_table, *, shape: _RoundShape):
-    """Feed each live row's anchor, sample the next token. Finished and padding rows stand still."""
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches", "dstate"))
+def _decode_program(graphdefs, params, state: SlotState, caches, dstate, slots, page_table, *, shape: _RoundShape):
+    """Feed each live row's anchor, sample the next token (and let the draft ingest the anchor's
+    position, whose next token is now known). Finished and padding rows stand still."""
     with ops.use(shape.backend):
-        target, _ = _merge(graphdefs, params)
+        target, draft = _merge(graphdefs, params)
         rows = _gather(state, slots, shape.filters)
         n = slots.shape[0]
         live = ~rows.done
         layout = ragged_layout(page_table, rows.lens, live.astype(jnp.int32), num_tokens=n, max_q_len=1,
                                page_size=shape.geometry.page_size, num_slots=shape.geometry.num_slots)
-        hidden, _, caches = shape.cache.run(target, caches, rows.anchors[layout.token_req], layout, rows.lens,
-                                            rows.slots, ())
+        capture = tuple(draft.capture_layers) if draft is not None else ()
+        hidden, features, caches = shape.cache.run(target, caches, rows.anchors[layout.token_req], layout, rows.lens,
+                                                   rows.slots, capture)
         logits = target.logits(hidden[jnp.minimum(layout.meta.cu_q_lens[:-1], n - 1)])
         nxt = sample(logits, rows.sampling, position_keys(rows.keys, rows.lens + 1, TARGET_STREAM))
+        if draft is not None:
+            dstate = draft.ingest(target, dstate, features, nxt[layout.token_req], layout, rows.slots)
         zero = jnp.zeros((n,), jnp.int32)
         rows, history, count = _commit(rows, state.history, nxt[:, None], zero)
         state = _scatter(dataclasses.replace(state, history=history), rows)
-        return state, caches, RoundOutputs(tokens=nxt[:, None], count=count, done=rows.done, live=live, lengths=zero,
-                                           accepted=zero, confidence_logits=None,
-                                           next_capacity=jnp.zeros((), jnp.int32))
+        return state, caches, dstate, RoundOutputs(tokens=nxt[:, None], count=count, done=rows.done, live=live,
+                                                   lengths=zero, accepted=zero, confidence_logits=None,
+                                                   next_capacity=jnp.zeros((), jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,6 +636,7 @@ class Core:
         self._sps = None  # rounds/s by verify tokens (causal, async)
         self._tables: dict[int, jax.Array] = {}
         self._causal_budgets: dict[int, list[int]] = {}  # by rows, then live rows
+        self._step_seconds: dict[int, dict] | None = None  # measured plain steps and rounds (use_step_seconds)
         if self.scheduler in ("causal", "async") and self.spec.sps is not None:
             self.use_sps(self.spec.sps)
 
@@ -685,6 +691,38 @@ class Core:
                 for rows in self.row_buckets() if rows * lane <= limit]
 
     @property
+    def plain_steps(self) -> bool:
+        """Whether this core may run a plain step instead of a round (`plain_pays`): a speculative core
+        whose scheduler is hardware-aware (causal, async), unless SpecParams.plain_steps is off."""
+        return self.scheduler in ("causal", "async") and self.spec.plain_steps
+
+    @property
+    def needs_step_seconds(self) -> bool:
+        return self.plain_steps and self._step_seconds is None
+
+    def use_step_seconds(self, seconds: dict) -> None:
+        """Measured seconds by row bucket, {rows: {"plain": s, "rounds": {budget: s}}} as
+        profile.measure_step_seconds gives them (keys may be strings, as JSON carries them)."""
+        seconds = {int(r): {"plain": float(m["plain"]), "rounds": {int(b): float(t) for b, t in m["rounds"].items()}}
+                   for r, m in seconds.items()}
+        missing = [(r, b) for r in self.row_buckets() for b in self.budgets(r)
+                   if b not in seconds.get(r, {"rounds": {}})["rounds"]]
+        if missing:
+            raise ValueError(f"step seconds lack (rows, budget) {missing}; expected every round this core launches")
+        self._step_seconds = seconds
+
+    def plain_pays(self, slots: np.ndarray, tau: float, capacity: int | None = None) -> bool:
+        """A plain step gives these rows more tokens per second than a round committing `tau` tokens per
+        row would (by the measured seconds of both programs). `tau` must come from rounds already read:
+        the choice then never depends on this round's tokens, and either program is lossless."""
+        if self._step_seconds is None or self.splits(len(slots)):
+            return False
+        rows = len(slots)
+        measured = self._step_seconds[rows]
+        _, budget = self._launch(rows, int(np.sum(slots < self.slots)), capacity)
+        return tau * measured["plain"] < measured["rounds"][budget]
+
+    @property
     def needs_sps(self) -> bool:
         """The scheduler reads a rounds/s table and none was given yet."""
         return self.scheduler in ("causal", "async") and self._sps is None
@@ -729,8 +767,9 @@ class Core:
 
     def decode(self, slots: np.ndarray, page_table: np.ndarray, filters: bool) -> RoundOutputs:
         with self.compiles.track(f"decode rows={len(slots)} filters={filters}"):
-            self.state, self.caches, out = _decode_program(self.graphdefs, self.params, self.state, self.caches,
-                                                           slots, page_table, shape=self._round_shape(filters))
+            self.state, self.caches, self.dstate, out = _decode_program(
+                self.graphdefs, self.params, self.state, self.caches, self.dstate, slots, page_table,
+                shape=self._round_shape(filters))
         return out
 
     def fused_round(self, slots: np.ndarray, page_table, filters: bool, capacity: int, budget: int,
@@ -758,25 +797,31 @@ class Core:
                 drafted.proposal, drafted.lengths, shape=self._round_shape(drafted.filters), budget=budget)
         return out
 
-    def begin_round(self, slots: np.ndarray, page_table: np.ndarray, filters: bool, capacity: int | None = None):
+    def _launch(self, rows: int, live: int, capacity: int | None) -> tuple[int, int]:
+        """(draft-token capacity, verify budget) of a fused round of `rows` rows, `live` of them requests."""
+        if self.scheduler in ("fixed", "threshold"):
+            return rows * self.gamma, rows * (self.gamma + 1)
+        if self.scheduler == "causal":
+            return rows * self.gamma, self.causal_budget(rows, live)
+        capacity = rows * self.gamma if capacity is None else capacity
+        return capacity, self.budget(rows, rows + capacity)
+
+    def begin_round(self, slots: np.ndarray, page_table: np.ndarray, filters: bool, capacity: int | None = None,
+                    plain: bool = False):
         """Launch this step's round over `slots`; `finish_round` completes it.
 
         A split round (`splits`) stops after drafting (the host has not read the token total yet);
         the others launch the whole round. `capacity` (async) is the token count computed by an
-        earlier round (None: every draft token may be admitted).
+        earlier round (None: every draft token may be admitted). `plain`: a plain step instead
+        (see `plain_pays`).
         """
         rows = len(slots)
-        if self.draft is None:
+        if self.draft is None or plain:
             return self.decode(slots, page_table, filters)
         if self.splits(rows):
             return self.draft_step(slots, page_table, filters)
-        if self.scheduler in ("fixed", "threshold"):
-            return self.fused_round(slots, page_table, filters, rows * self.gamma, rows * (self.gamma + 1))
-        if self.scheduler == "causal":
-            budget = self.causal_budget(rows, int(np.sum(slots < self.slots)))
-            return self.fused_round(slots, page_table, filters, rows * self.gamma, budget)
-        capacity = rows * self.gamma if capacity is None else capacity
-        return self.fused_round(slots, page_table, filters, capacity, self.budget(rows, rows + capacity))
+        capacity, budget = self._launch(rows, int(np.sum(slots < self.slots)), capacity)
+        return self.fused_round(slots, page_table, filters, capacity, budget)
 
     def finish_round(self, pending) -> RoundOutputs:
         if isinstance(pending, Drafted):
@@ -805,8 +850,9 @@ class Core:
             for filters in (False, True):
                 if stop():
                     return
-                if self.draft is None:
+                if self.draft is None or self._step_seconds is not None:  # plain steps may run
                     self.decode(slots, table, filters)
+                if self.draft is None:
                     continue
                 if self.splits(rows):
                     drafted = self.draft_step(slots, table, filters)

@@ -132,13 +132,17 @@ class SpecParams:
     "threshold" cuts at the first calibrated confidence below `threshold`; "causal" is Algorithm 1;
     "async" admits the top-K tokens by current survival with K from two rounds earlier.
     sps: rounds/s by verify-batch token count (index B; len ≥ R(γ+1)+1) for causal/async;
-    None profiles the real round on this device on first use.
+    None profiles the real round on this device on first use. plain_steps (causal, async): a
+    serving engine runs a plain decode step instead of a round wherever the accepted lengths of
+    past rounds say a round would give fewer tokens per second (Algorithm 1 chooses among rounds,
+    which all draft; this is the option of not drafting), timed at warm-up.
     """
 
     block_size: int = 7
     scheduler: str = "fixed"
     threshold: float = 0.5
     sps: tuple[float, ...] | None = None
+    plain_steps: bool = True
 
     def __post_init__(self):
         if not 1 <= self.block_size <= 32:
