@@ -19,12 +19,14 @@ import pytest
 
 from conftest import randomize_params
 from dspark_jax import sharding
-from dspark_jax.config import LlamaArch
+from dspark_jax.config import DraftConfig, LlamaArch
+from dspark_jax.drafts import create_draft
 from dspark_jax.engine import Engine, EngineConfig, RequestParams
 from dspark_jax.engine.lockstep import Divergence, Lockstep, Sync, decode, encode, request_fields, request_from_fields
 from dspark_jax.engine.scheduler import Request, Scheduler
 from dspark_jax.models import create_target
 from dspark_jax.speculative.decode import Core
+from dspark_jax.speculative.schedule import SpecParams
 
 ARCH = LlamaArch(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=8, eos_token_ids=(), max_position_embeddings=256)
@@ -40,14 +42,14 @@ def request(i: int, prompt, max_tokens: int, stops: bool = True) -> Request:
 
 def test_a_sync_and_its_requests_survive_encoding():
     original = request(1, [5, 0, 63], 12)
-    sync = Sync([["add", request_fields(original)], ["retire", "r0", "abort"]], "step", "00ff")
+    sync = Sync([["add", request_fields(original)], ["retire", "r0", "abort"]], "step", "00ff", [[4, True, 0.0125]])
     back = decode(encode(sync))
     assert back == sync
     copy = request_from_fields(back.events[0][1])
     assert copy.params == original.params and request_fields(copy) == request_fields(original)
     assert isinstance(copy.params.stop, tuple) and isinstance(copy.stop_ids, tuple)
     with pytest.raises(ValueError, match="Sync.action='jump'"):
-        decode(encode(Sync([], "jump", "")))
+        decode(encode(Sync([], "jump", "", [])))
 
 
 @pytest.mark.parametrize("length", [0, 1, 255, 256, 257, 5000])
@@ -121,9 +123,39 @@ def test_a_follower_replaying_the_leader_launches_the_same_steps(target):
     assert lead.preemptions > 0 and follow.preemptions == lead.preemptions
 
 
+def test_a_follower_takes_the_leaders_step_times_for_plain_steps(target):
+    """Plain-step choices (PlainGate) depend on the leader's clock: the follower, without one, is fed
+    the leader's timings in each Sync and makes the same choices (else the fingerprint would differ)."""
+    draft = randomize_params(create_draft(DraftConfig(kind="dspark", num_layers=1, target_layer_ids=(0,),
+                                                      mask_token_id=63, markov_rank=8, block_size=4), target), seed=5)
+    spec = SpecParams(block_size=4, scheduler="causal", sps=tuple(1.0 / (1 + 0.05 * b) for b in range(11)))
+
+    def scheduler(clock):
+        core = Core(target, draft, spec, slots=2, max_context=64, page_size=16, num_pages=8, backend="xla")
+        return Scheduler(core, prefill_chunk=16, plain_steps=True, clock=clock)
+    pipe = Pipe()
+    lead, follow = scheduler(time.perf_counter), scheduler(None)
+    lead.gate.outbox = []
+    lead_sync, follow_sync = Lockstep(True, pipe.leader), Lockstep(False, pipe.follower)
+    mine = [request(i, np.arange(n) * (i + 1) % 60, m, stops=False) for i, (n, m) in enumerate([(6, 40), (9, 40)])]
+    for r in mine:
+        add(lead, lead_sync, r)
+    replayed = {}
+    while lead.has_work():
+        lead_sync.send("step", lead)
+        follow_sync.receive(follow)
+        replayed.update(follow_sync._requests)
+        lead.step()
+        follow_sync.finished(follow.step().finished)
+    lead_sync.send("stop", lead)
+    follow_sync.receive(follow)  # the last timings, checked by the fingerprint
+    assert lead.gate.seconds and follow.gate.state() == lead.gate.state()
+    assert [replayed[r.id].tokens for r in mine] == [r.tokens for r in mine] and all(len(r.tokens) == 40 for r in mine)
+
+
 def test_divergence_is_caught_before_the_next_step(target):
     def drop_first_add(sync):
-        return Sync(sync.events[1:], sync.action, sync.fingerprint)
+        return Sync(sync.events[1:], sync.action, sync.fingerprint, sync.timings)
 
     lead, lead_sync, follow, follow_sync = pair(target, drop_first_add)
     add(lead, lead_sync, request(0, [1, 2, 3], 4))

@@ -170,22 +170,6 @@ def test_plain_steps_between_rounds_keep_the_output_and_the_draft_context(target
         np.testing.assert_allclose(np.asarray(v_pages).reshape(flat, *v.shape[1:])[:end], np.asarray(v), atol=1e-4)
 
 
-def test_plain_pays_weighs_tokens_per_second_of_a_round_against_a_plain_step(target, dspark):
-    core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), slots=4, max_context=64,
-                page_size=16, num_pages=24)
-    slots = np.array([0, 1, 4, 4], np.int32)  # two live rows of a 4-row round
-    assert not core.plain_pays(slots, tau=1.0)  # nothing measured: always speculate
-    with pytest.raises(ValueError, match=r"lack \(rows, budget\)"):
-        core.use_step_seconds({1: {"plain": 1.0, "rounds": {}}})
-    core.use_step_seconds({str(r): {"plain": 1.0, "rounds": {str(b): 2.5 for b in core.budgets(r)}}
-                           for r in core.row_buckets()})  # string keys, as JSON carries them
-    assert core.plain_pays(slots, tau=2.4) and not core.plain_pays(slots, tau=2.6)
-    fixed = Core(target, dspark, SpecParams(block_size=GAMMA), slots=4, max_context=64, page_size=16, num_pages=24)
-    off = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS, plain_steps=False), slots=4,
-               max_context=64, page_size=16, num_pages=24)
-    assert core.needs_step_seconds is False and not fixed.plain_steps and not off.needs_step_seconds
-
-
 def test_threshold_rounds_split_only_where_the_budget_has_a_choice(target, dspark):
     """γ+1 = 5 tokens a row against a 16-token smallest bucket: 1–2 rows always launch 5–10 tokens, so
     their rounds run fused (no host read between draft and verify); from 4 rows on they split.

@@ -36,7 +36,7 @@ from dspark_jax.engine.scheduler import Request, Scheduler, StepReport, check_pr
 from dspark_jax.engine.text import TextStream
 from dspark_jax.sharding import is_leader
 from dspark_jax.speculative.decode import Core
-from dspark_jax.speculative.profile import SPS_CONTEXT, measure_step_seconds, profile_sps, usable_context
+from dspark_jax.speculative.profile import profile_sps
 from dspark_jax.speculative.schedule import SpecParams
 
 log = logging.getLogger("dspark_jax.engine")
@@ -122,13 +122,18 @@ class Engine:
         self.config = config
         self.core = Core(target, draft, spec, slots=config.max_batch, max_context=config.max_context,
                          page_size=config.page_size, num_pages=num_pages, backend=config.kernels)
-        self.scheduler = Scheduler(self.core, prefill_chunk=config.prefill_chunk)
+        self.leader = is_leader()
+        multi = jax.process_count() > 1
+        # followers take the leader's step times (lockstep), so every process makes the same plain-step choices
+        self.scheduler = Scheduler(self.core, prefill_chunk=config.prefill_chunk, plain_steps=True,
+                                   clock=time.perf_counter if self.leader else None)
+        if multi and self.leader and self.scheduler.gate is not None:
+            self.scheduler.gate.outbox = []
         self.tokenizer = tokenizer
         extra_eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
         self.eos_ids = tuple(dict.fromkeys(self.core.eos_ids + extra_eos))
         self.metrics = EngineMetrics(gamma=gamma, pages_total=num_pages)
-        self.leader = is_leader()
-        self._lockstep = Lockstep(self.leader) if jax.process_count() > 1 else None
+        self._lockstep = Lockstep(self.leader) if multi else None
         self.registry = self.metrics.registry
         self.ready = False
         self._cond = threading.Condition()
@@ -270,8 +275,6 @@ class Engine:
         core, start = self.core, time.perf_counter()
         if core.needs_sps:
             core.use_sps(self._sps_table())
-        if core.needs_step_seconds:  # every process measures (the programs span all devices); the leader's count
-            core.use_step_seconds(self._agreed(measure_step_seconds(core, context=usable_context(core, SPS_CONTEXT))))
         if self.config.warmup:  # every process compiles the same programs and stops where the leader does
             core.compile_all(self.config.prefill_chunk, stop=lambda: self._agreed(self._closing))
         log.info("warm-up: %d programs compiled in %.1f s", core.compiles.count, time.perf_counter() - start)

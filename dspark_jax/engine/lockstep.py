@@ -14,7 +14,7 @@ The Scheduler is a function of those mutations and of what the steps read back f
 (the same values on every process), so a follower replaying them launches what the leader
 launches. Whatever depends on a clock or on local files is decided by the leader and travels in
 the broadcast: shutdown deadlines (as retirements), the end of an interrupted warm-up, the SPS
-table the causal and async schedulers read (`share`). Each Sync carries the leader's
+table the causal and async schedulers read (`share`), the step times the PlainGate decides from. Each Sync carries the leader's
 `Scheduler.fingerprint()` taken after its mutations; a follower whose own differs raises
 Divergence instead of launching a different program.
 """
@@ -43,6 +43,7 @@ class Sync:
     events: list  # ["add", request fields] | ["retire", request id, reason], in the order they were made
     action: str  # one of ACTIONS
     fingerprint: str  # the leader's Scheduler.fingerprint() after the events
+    timings: list  # [row bucket, plain, seconds] the leader's PlainGate observed since the previous Sync
 
 
 def encode(sync: Sync) -> bytes:
@@ -96,7 +97,8 @@ class Lockstep:
         """Broadcast the recorded mutations and `action`, with `scheduler`'s fingerprint."""
         if action not in ACTIONS:
             raise ValueError(f"action={action!r}; expected one of {list(ACTIONS)}")
-        sync = Sync(self._events, action, scheduler.fingerprint())
+        timings = scheduler.gate.take_timings() if scheduler.gate is not None else []
+        sync = Sync(self._events, action, scheduler.fingerprint(), timings)
         self._events = []
         self._broadcast(encode(sync))
 
@@ -118,6 +120,10 @@ class Lockstep:
                 scheduler.retire(self._requests.pop(request_id), reason)
             else:
                 raise ValueError(f"message {self.messages}: event {event[0]!r}; expected 'add' or 'retire'")
+        if sync.timings and scheduler.gate is None:
+            raise Divergence(f"message {self.messages}: the leader times plain steps; this process runs none")
+        for rows, plain, seconds in sync.timings:
+            scheduler.gate.observe_seconds(rows, plain, seconds)
         mine = scheduler.fingerprint()
         if mine != sync.fingerprint:
             raise Divergence(f"message {self.messages} ({sync.action}): the leader's scheduler has fingerprint "

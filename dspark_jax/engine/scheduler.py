@@ -32,11 +32,9 @@ import jax
 import numpy as np
 
 from dspark_jax.cache import PageAllocator, bucket, pages_for
+from dspark_jax.engine.gate import PlainGate
 from dspark_jax.engine.params import RequestParams
 from dspark_jax.speculative.decode import MIN_LANE, STOP_SLOTS, Core, Piece, pack_chunk
-
-PROBE_EVERY = 16  # plain steps of a row bucket between the rounds that keep its accepted length current
-TAU_WEIGHT = 0.125  # weight of the newest round in a row bucket's moving mean of committed tokens
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,7 +92,7 @@ class StepReport:
     rounds: list[RoundFact] = dataclasses.field(default_factory=list)
     preempted: list[Request] = dataclasses.field(default_factory=list)
     idle: bool = False  # nothing was launched or read: waiting requests could not be admitted
-    plain_steps: int = 0  # request-steps a speculative core ran plain (Core.plain_pays; not in `rounds`)
+    plain_steps: int = 0  # request-steps a speculative core ran plain (see PlainGate; not in `rounds`)
 
 
 @dataclasses.dataclass
@@ -106,6 +104,9 @@ class _Launched:
     rows: list[Request]  # the round's requests, by row
     round: object  # RoundOutputs or None
     plain: bool  # the round is a plain step of a speculative core
+    launched_at: float  # clock after the launch
+    timed: bool  # the step is one round and nothing else (no prefill, nothing compiled): its time counts
+    compiles: int  # programs compiled before the launch ended (a compile until the read spoils the timing)
 
 
 class Scheduler:
@@ -113,13 +114,19 @@ class Scheduler:
     costs what its live requests need; `generate` runs its whole batch's bucket, compiling one
     round program per batch instead of one per row bucket the batch passes through.
 
-    Where the core has measured step costs (`Core.plain_pays`), each row bucket keeps a moving
-    mean of the tokens its rounds committed per row and runs plain steps while that mean says a
-    round pays less, with a round every PROBE_EVERY plain steps to keep the mean current.
+    `plain_steps`: where the core allows them (`Core.plain_steps`), run plain steps wherever a
+    PlainGate says rounds pay less (the engine does; `generate`, which measures acceptance, does
+    not). The gate learns step times from `clock`: a step runs from the later of its launch and
+    the previous read until its own outputs are read (the device runs steps in order). With
+    clock=None (a follower of a multi-process job) it is fed the leader's timings instead.
     """
 
-    def __init__(self, core: Core, *, prefill_chunk: int, min_rows: int = 1):
+    def __init__(self, core: Core, *, prefill_chunk: int, min_rows: int = 1, plain_steps: bool = False,
+                 clock=time.perf_counter):
         self.core = core
+        self.clock = clock
+        self.gate = PlainGate() if plain_steps and core.draft is not None and core.plain_steps else None
+        self._last_read = 0.0
         self.min_rows = min_rows
         self.allocator = PageAllocator(core.num_pages)
         self.chunk_tokens = core.chunk_tokens(prefill_chunk)
@@ -130,8 +137,6 @@ class Scheduler:
         self._admissions = itertools.count()
         self._launched: _Launched | None = None
         self._capacity: int | None = None  # async: the capacity the latest read round computed
-        self._tau: dict[int, float] = {}  # by row bucket: moving mean of committed tokens per row and round
-        self._plain_run: dict[int, int] = {}  # by row bucket: plain steps since its last round
         self.preemptions = 0
 
     # -- queue
@@ -153,7 +158,7 @@ class Scheduler:
                  [(r.id, r.state, r.slot, r.pages, r.order, r.target, r.prefilled, r.inflight, r.len_bound,
                    r.tokens[-1:], len(r.tokens)) for r in self.active],
                  self._free_slots, self.allocator.free_pages, self._launched is not None, self._capacity,
-                 sorted(self._tau.items()), sorted(self._plain_run.items()))
+                 self.gate.state() if self.gate is not None else None)
         return hashlib.blake2b(repr(state).encode(), digest_size=8).hexdigest()
 
     def retire(self, request: Request, reason: str) -> None:
@@ -217,32 +222,30 @@ class Scheduler:
         self._admit()
         completing, prefill = self._prefill()
         rows = [r for r in self.active if r.state == "decode"]
-        pending, plain = None, False
+        pending, plain, compiles = None, False, self.core.compiles.count
         if rows:
-            width = max(bucket(len(rows)), self.min_rows)
+            width = self._row_bucket(len(rows))
             slots, table = self.core.padding_rows(width)
             for i, request in enumerate(rows):
                 slots[i], table[i] = request.slot, self._page_row(request)
                 request.inflight += 1
                 request.len_bound += self.width
-            plain = self._plain(width, slots)
+            plain = self.gate is not None and self.gate.choose(width)
             pending = self.core.begin_round(slots, table, any(r.params.filters for r in rows), self._capacity, plain)
         report.idle = self._launched is None and prefill is None and pending is None
         if self._launched is not None:
             self._read(self._launched, report)
             self._launched = None
         if prefill is not None or pending is not None:
+            timed = prefill is None and pending is not None and self.core.compiles.count == compiles
             self._launched = _Launched(completing, prefill, rows,
-                                       self.core.finish_round(pending) if pending is not None else None, plain)
+                                       self.core.finish_round(pending) if pending is not None else None, plain,
+                                       self.clock() if self.clock is not None else 0.0, timed,
+                                       self.core.compiles.count)
         return report
 
-    def _plain(self, width: int, slots: np.ndarray) -> bool:
-        """Run a plain step rather than a round over these rows (see the class doc)."""
-        tau = self._tau.get(width)  # None until a round of this bucket was read: speculate
-        plain = (tau is not None and self._plain_run.get(width, 0) < PROBE_EVERY
-                 and self.core.plain_pays(slots, tau, self._capacity))
-        self._plain_run[width] = self._plain_run.get(width, 0) + 1 if plain else 0
-        return plain
+    def _row_bucket(self, requests: int) -> int:
+        return max(bucket(requests), self.min_rows)
 
     def _admit(self) -> None:
         decoding = sum(r.state == "decode" for r in self.active)
@@ -308,6 +311,12 @@ class Scheduler:
     def _read(self, launched: _Launched, report: StepReport) -> None:
         prefill, outputs = jax.device_get((launched.prefill, launched.round))
         now = time.perf_counter()
+        if self.clock is not None:
+            read_at = self.clock()
+            if self.gate is not None and launched.timed and self.core.compiles.count == launched.compiles:
+                self.gate.observe_seconds(self._row_bucket(len(launched.rows)), launched.plain,
+                                          read_at - max(launched.launched_at, self._last_read))
+            self._last_read = read_at
         for i, request in enumerate(launched.completing):
             if request is None:
                 continue
@@ -332,11 +341,9 @@ class Scheduler:
                                                    conf))
                 self._receive(request, outputs.tokens[i, :count].tolist(), bool(outputs.done[i]), now, report)
             live = outputs.live[:len(launched.rows)]
-            if not launched.plain and self.core.draft is not None and live.any():
-                width = max(bucket(len(launched.rows)), self.min_rows)
-                tau = float(np.mean(outputs.accepted[:len(launched.rows)][live])) + 1.0
-                self._tau[width] = tau if width not in self._tau else self._tau[width] + TAU_WEIGHT * (
-                    tau - self._tau[width])
+            if self.gate is not None and not launched.plain and live.any():
+                accepted = outputs.accepted[:len(launched.rows)][live]
+                self.gate.observe_round(self._row_bucket(len(launched.rows)), float(np.mean(accepted)) + 1.0)
             if self.core.scheduler == "async" and not launched.plain:
                 self._capacity = int(outputs.next_capacity)
 

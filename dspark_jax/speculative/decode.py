@@ -636,7 +636,6 @@ class Core:
         self._sps = None  # rounds/s by verify tokens (causal, async)
         self._tables: dict[int, jax.Array] = {}
         self._causal_budgets: dict[int, list[int]] = {}  # by rows, then live rows
-        self._step_seconds: dict[int, dict] | None = None  # measured plain steps and rounds (use_step_seconds)
         if self.scheduler in ("causal", "async") and self.spec.sps is not None:
             self.use_sps(self.spec.sps)
 
@@ -692,35 +691,9 @@ class Core:
 
     @property
     def plain_steps(self) -> bool:
-        """Whether this core may run a plain step instead of a round (`plain_pays`): a speculative core
-        whose scheduler is hardware-aware (causal, async), unless SpecParams.plain_steps is off."""
+        """Whether callers may run plain steps on this speculative core (`begin_round(plain=True)`): its
+        scheduler is hardware-aware (causal, async) and SpecParams.plain_steps is on."""
         return self.scheduler in ("causal", "async") and self.spec.plain_steps
-
-    @property
-    def needs_step_seconds(self) -> bool:
-        return self.plain_steps and self._step_seconds is None
-
-    def use_step_seconds(self, seconds: dict) -> None:
-        """Measured seconds by row bucket, {rows: {"plain": s, "rounds": {budget: s}}} as
-        profile.measure_step_seconds gives them (keys may be strings, as JSON carries them)."""
-        seconds = {int(r): {"plain": float(m["plain"]), "rounds": {int(b): float(t) for b, t in m["rounds"].items()}}
-                   for r, m in seconds.items()}
-        missing = [(r, b) for r in self.row_buckets() for b in self.budgets(r)
-                   if b not in seconds.get(r, {"rounds": {}})["rounds"]]
-        if missing:
-            raise ValueError(f"step seconds lack (rows, budget) {missing}; expected every round this core launches")
-        self._step_seconds = seconds
-
-    def plain_pays(self, slots: np.ndarray, tau: float, capacity: int | None = None) -> bool:
-        """A plain step gives these rows more tokens per second than a round committing `tau` tokens per
-        row would (by the measured seconds of both programs). `tau` must come from rounds already read:
-        the choice then never depends on this round's tokens, and either program is lossless."""
-        if self._step_seconds is None or self.splits(len(slots)):
-            return False
-        rows = len(slots)
-        measured = self._step_seconds[rows]
-        _, budget = self._launch(rows, int(np.sum(slots < self.slots)), capacity)
-        return tau * measured["plain"] < measured["rounds"][budget]
 
     @property
     def needs_sps(self) -> bool:
@@ -812,8 +785,8 @@ class Core:
 
         A split round (`splits`) stops after drafting (the host has not read the token total yet);
         the others launch the whole round. `capacity` (async) is the token count computed by an
-        earlier round (None: every draft token may be admitted). `plain`: a plain step instead
-        (see `plain_pays`).
+        earlier round (None: every draft token may be admitted). `plain`: a plain decode step
+        instead, which still feeds the draft (lossless either way; see engine.scheduler.PlainGate).
         """
         rows = len(slots)
         if self.draft is None or plain:
@@ -850,7 +823,7 @@ class Core:
             for filters in (False, True):
                 if stop():
                     return
-                if self.draft is None or self._step_seconds is not None:  # plain steps may run
+                if self.draft is None or self.plain_steps:
                     self.decode(slots, table, filters)
                 if self.draft is None:
                     continue

@@ -28,8 +28,6 @@ from dspark_jax.checkpoint.assets import cache_dir
 from dspark_jax.speculative.decode import MIN_LANE, Core, Piece, pack_chunk
 from dspark_jax.speculative.schedule import SpecParams
 
-SPS_CONTEXT = 256  # cached positions per row while timing (rounds cost more as contexts grow)
-
 
 def place_rows(core: Core, rows: int, context: int, table: np.ndarray, rng) -> np.ndarray:
     """Put `rows` requests with `context` cached positions in slots 0..rows−1, feeding one token each.
@@ -56,8 +54,7 @@ def usable_context(core: Core, context: int) -> int:
     return max(1, min(context, core.max_context - 1, core.num_pages * page_size - core.gamma - 1))
 
 
-def measure_round_seconds(core: Core, *, context: int = SPS_CONTEXT, repeats: int = 5, seed: int = 0
-                          ) -> dict[int, float]:
+def measure_round_seconds(core: Core, *, context: int = 256, repeats: int = 5, seed: int = 0) -> dict[int, float]:
     """Median seconds of one round (draft + schedule + verify + commit) per verify-token bucket.
 
     Runs on the core's slots and first pages, so nothing else may be running on it. `context`
@@ -70,60 +67,29 @@ def measure_round_seconds(core: Core, *, context: int = SPS_CONTEXT, repeats: in
                          "async core (its fused rounds are what the table describes)")
     rng = np.random.default_rng(seed)
     width = bucket(core.slots)
-    rows, table = _rows_and_pages(core, width, context)
-    seconds = {}
-    for budget in core.budget_buckets(width):
-        tokens = min(budget, rows * (core.gamma + 1))
-        sps = jnp.asarray(np.arange(width * (core.gamma + 1) + 1) <= tokens, jnp.float32)
-        seconds[budget] = _median_seconds(
-            core, rows, context, table, rng, repeats,
-            lambda slots: core.fused_round(slots, table, filters=False, capacity=tokens - rows, budget=budget, sps=sps))
-    return seconds
-
-
-def measure_step_seconds(core: Core, *, context: int = SPS_CONTEXT, repeats: int = 5, seed: int = 0) -> dict[int, dict]:
-    """Median seconds of a plain step and of a round at each budget the core launches, per row bucket.
-
-    {rows: {"plain": s, "rounds": {budget: s}}}, what `Core.plain_pays` weighs; the core's SPS table
-    must be set (its budgets depend on it). Borrows the core like `measure_round_seconds`.
-    """
-    rng = np.random.default_rng(seed)
-    seconds = {}
-    for width in core.row_buckets():
-        rows, table = _rows_and_pages(core, width, context)
-        seconds[width] = {
-            "plain": _median_seconds(core, rows, context, table, rng, repeats,
-                                     lambda slots: core.decode(slots, table, filters=False)),
-            "rounds": {budget: _median_seconds(
-                core, rows, context, table, rng, repeats,
-                lambda slots: core.fused_round(slots, table, filters=False, capacity=budget - rows, budget=budget))
-                for budget in core.budgets(width)}}
-    return seconds
-
-
-def _rows_and_pages(core: Core, width: int, context: int) -> tuple[int, np.ndarray]:
-    """How many requests fill a `width`-row bucket (at most the core's slots) and their page table."""
     rows = min(width, core.slots)
-    per_row = pages_for(context + core.gamma + 1, core.geometry.page_size)
+    gamma, page_size = core.gamma, core.geometry.page_size
+    per_row = pages_for(context + gamma + 1, page_size)
     shared = rows * per_row > core.num_pages  # too few pages: the rows read the same ones (timing only)
     table = np.tile(core.scratch_row, (width, 1))
     for r in range(rows):
         first = 0 if shared else r * per_row
         table[r, :per_row] = np.arange(first, first + per_row)
-    return rows, table
-
-
-def _median_seconds(core: Core, rows: int, context: int, table: np.ndarray, rng, repeats: int, launch) -> float:
-    """Median wall time of `launch(slots)` over `repeats` runs after one that compiles, each on freshly placed rows."""
-    times = []
-    for rep in range(repeats + 1):
-        slots = place_rows(core, rows, context, table, rng)
-        jax.block_until_ready(core.state)
-        start = time.perf_counter()
-        jax.block_until_ready(launch(slots))
-        if rep:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    seconds = {}
+    for budget in core.budget_buckets(width):
+        tokens = min(budget, rows * (gamma + 1))
+        sps = jnp.asarray(np.arange(width * (gamma + 1) + 1) <= tokens, jnp.float32)
+        times = []
+        for rep in range(repeats + 1):  # the first run compiles
+            slots = place_rows(core, rows, context, table, rng)
+            jax.block_until_ready(core.state)
+            start = time.perf_counter()
+            out = core.fused_round(slots, table, filters=False, capacity=tokens - rows, budget=budget, sps=sps)
+            jax.block_until_ready(out)
+            if rep:
+                times.append(time.perf_counter() - start)
+        seconds[budget] = statistics.median(times)
+    return seconds
 
 
 def sps_table(core: Core, seconds: dict[int, float]) -> list[float]:
@@ -139,9 +105,8 @@ def _cache_path(target, draft, rows: int, gamma: int, context: int, backend: str
     return cache_dir() / "sps" / f"{digest}.json"
 
 
-def profile_sps(target, draft, *, rows: int, gamma: int, context: int = SPS_CONTEXT, repeats: int = 5,
-                refresh: bool = False, cached_only: bool = False, core: Core | None = None, backend: str = "auto"
-                ) -> list[float] | None:
+def profile_sps(target, draft, *, rows: int, gamma: int, context: int = 256, repeats: int = 5, refresh: bool = False,
+                cached_only: bool = False, core: Core | None = None, backend: str = "auto") -> list[float] | None:
     """The SPS table for this device, target, draft, round rows (a power of two) and γ, cached after the first run.
 
     `core`: measure on this Core (idle: its slots and first pages are borrowed) with its own

@@ -133,9 +133,9 @@ class SpecParams:
     "async" admits the top-K tokens by current survival with K from two rounds earlier.
     sps: rounds/s by verify-batch token count (index B; len ≥ R(γ+1)+1) for causal/async;
     None profiles the real round on this device on first use. plain_steps (causal, async): a
-    serving engine runs a plain decode step instead of a round wherever the accepted lengths of
-    past rounds say a round would give fewer tokens per second (Algorithm 1 chooses among rounds,
-    which all draft; this is the option of not drafting), timed at warm-up.
+    serving engine runs a plain decode step instead of a round wherever its past rounds' accepted
+    lengths and the step times it measured say a round gives fewer tokens per second (Algorithm 1
+    chooses among rounds, which all draft; this is the option of not drafting).
     """
 
     block_size: int = 7
