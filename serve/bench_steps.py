@@ -7,7 +7,8 @@ Measures on the current device, in one process: the copy bandwidth ceiling; the 
 of each model at each batch (floor = weight bytes + KV bytes read, over that bandwidth); and, for
 the Qwen3-4B-architecture target with a 5-layer DSpark draft, a breakdown of one round — draft
 backbone, Markov loop, scheduling, verify (target pass + acceptance), commit (+ draft ingest) —
-against the whole fused round and the plain decode step at the same batch. Weights are random
+against the whole fused round, the plain decode step at the same batch and the speculative core's
+own plain step (a decode that also feeds the draft's context). Weights are random
 (timings depend on shapes only) unless --smollm2-source names the converted real model.
 Every time is the median of synchronised repeats after warm-up.
 """
@@ -146,9 +147,11 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
         return core.fused_round(slots, table, False, capacity=rows * gamma, budget=budget).count
 
     whole = timed(run_round)
+    plain = timed(lambda: core.decode(slots, table, False).count)  # the plain step of this speculative core
     total_parts = sum(parts.values())
     return {"rows": rows, "context": context, "gamma": gamma, "verify_tokens": budget,
             **{f"{k}_ms": v * 1e3 for k, v in parts.items()}, "round_ms": whole * 1e3,
+            "spec_plain_step_ms": plain * 1e3,
             "parts_sum_ms": total_parts * 1e3,
             "draft_and_schedule_fraction": (parts["draft_backbone"] + parts["markov_loop"] + parts["schedule"])
             / total_parts, "markov_fraction": parts["markov_loop"] / total_parts}

@@ -277,8 +277,7 @@ def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tm
     assert len(list((tmp_path / "sps").glob("*.json"))) == 1
     assert engine.stats()["compiles_after_warmup"] == 0
     assert not [shape for shape in engine.core.compiles.shapes if shape.startswith(("draft", "verify"))]
-    both = np.arange(2, dtype=np.int32)  # warm-up also timed plain steps against these rounds
-    assert engine.core.plain_pays(both, tau=0.0) and not engine.core.plain_pays(both, tau=1e6)
+    assert {"decode rows=1 filters=False", "decode rows=2 filters=True"} <= set(engine.core.compiles.shapes)  # plain steps
     assert_pool_whole(engine)
     engine.shutdown(1.0)
 
