@@ -14,9 +14,9 @@ The Scheduler is a function of those mutations and of what the steps read back f
 (the same values on every process), so a follower replaying them launches what the leader
 launches. Whatever depends on a clock or on local files is decided by the leader and travels in
 the broadcast: shutdown deadlines (as retirements), the end of an interrupted warm-up, the SPS
-table the causal and async schedulers read (`share`), the step times the PlainGate decides from. Each Sync carries the leader's
-`Scheduler.fingerprint()` taken after its mutations; a follower whose own differs raises
-Divergence instead of launching a different program.
+table the causal and async schedulers read (`share`), the step times the PlainGate decides from
+(in each Sync). Each Sync carries the leader's `Scheduler.fingerprint()` taken after its
+mutations; a follower whose own differs raises Divergence instead of launching a different program.
 """
 
 from __future__ import annotations
