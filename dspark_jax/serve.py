@@ -201,7 +201,7 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict | N
     }
     if draft is not None:
         stats.update(acceptance_length=round(took.acceptance_length or 0.0, 3), rounds=took.rounds,
-                     verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler,
+                     plain_steps=took.plain_steps, verified_tokens=took.verified_tokens, scheduler=cfg.spec.scheduler,
                      position_acceptance=[round(p, 3) for p in engine.metrics.position_acceptance()])
     return stats
 

@@ -305,6 +305,13 @@ def test_a_causal_engine_runs_plain_steps_where_rounds_pay_less(target, dspark, 
     plain, rounds = metrics("dspark_plain_steps_total"), metrics("dspark_verify_length_count")
     assert plain > 2 * PROBE_EVERY and 0 < rounds < plain / 2, (plain, rounds)  # mostly plain, still probing
     assert metrics("dspark_position_accepted_total", {"position": "1"}) > 0
+    stats = [r[2].stats for r in results]
+    assert sum(s.plain_steps for s in stats) == plain
+    for s in stats:  # the acceptance length counts speculative rounds only
+        rounds = s.rounds - s.plain_steps
+        assert s.acceptance_length is None if not rounds else (
+            s.acceptance_length == (s.committed_tokens - s.plain_steps) / rounds)
+    assert max(s.acceptance_length or 0 for s in stats) > 1.5  # rounds that accepted drafts, not diluted
     assert_pool_whole(engine)
     engine.shutdown(1.0)
 

@@ -382,9 +382,11 @@ class Engine:
     def _final(self, request: Request, reason: str, tokens: list[int], text: str = "", count: int = 0
                ) -> RequestOutput:
         now = time.perf_counter()
+        speculative = request.rounds - request.plain_steps  # a plain step commits one token
         stats = RequestStats(rounds=request.rounds, committed_tokens=request.committed,
-                             verified_tokens=request.verified,
-                             acceptance_length=request.committed / request.rounds if request.rounds else None,
+                             verified_tokens=request.verified, plain_steps=request.plain_steps,
+                             acceptance_length=(request.committed - request.plain_steps) / speculative
+                             if speculative else None,
                              time_to_first_token=(request.first_token_at - request.arrival
                                                   if request.first_token_at is not None else None),
                              seconds=now - request.arrival)

@@ -82,9 +82,10 @@ class RequestStats:
     rounds: int  # decode steps or speculative rounds it took part in
     committed_tokens: int  # tokens those rounds committed (the first token comes from the prefill)
     verified_tokens: int  # tokens the target verified for it
-    acceptance_length: float | None  # committed / rounds (None without rounds)
+    acceptance_length: float | None  # committed / rounds over its speculative rounds (None without any)
     time_to_first_token: float | None  # seconds from submission (None when it produced none)
     seconds: float  # submission to finish
+    plain_steps: int = 0  # of `rounds`, the steps a speculative engine ran plain (one token each)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,8 @@ class Request:
     prefilled: int = 0
     inflight: int = 0  # launched steps whose outputs for this request are unread
     len_bound: int = 0  # ≥ the anchor's position once every launched step has run
-    rounds: int = 0
+    rounds: int = 0  # steps it took part in (the device's count, which keys its random draws)
+    plain_steps: int = 0  # of them, plain steps of a speculative core
     committed: int = 0
     verified: int = 0
     first_token_at: float | None = None
@@ -334,6 +335,7 @@ class Scheduler:
                 request.committed += count
                 request.verified += int(outputs.lengths[i]) + 1
                 if launched.plain:
+                    request.plain_steps += 1
                     report.plain_steps += 1
                 else:
                     conf = None if outputs.confidence_logits is None else outputs.confidence_logits[i]
