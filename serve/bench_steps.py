@@ -8,9 +8,11 @@ of each model at each batch (floor = weight bytes + KV bytes read, over that ban
 the Qwen3-4B-architecture target with a 5-layer DSpark draft, a breakdown of one round — draft
 backbone, Markov loop, scheduling, verify (target pass + acceptance), commit (+ draft ingest) —
 against the whole fused round, the plain decode step at the same batch and the speculative core's
-own plain step (a decode that also feeds the draft's context). Weights are random
-(timings depend on shapes only) unless --smollm2-source names the converted real model.
-Every time is the median of synchronised repeats after warm-up.
+own plain step (a decode that stashes the draft's inputs, plus its share of the flush that ingests
+them every STASH_POSITIONS steps). Weights are random (timings depend on shapes only) unless
+--smollm2-source names the converted real model. Every time is the median of synchronised repeats
+after warm-up; plain steps are timed as runs of STASH_POSITIONS steps launched back to back (as a
+server runs them), per step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.models import create_target
 from dspark_jax.models.attention import PagedKV
-from dspark_jax.speculative.decode import Core, _commit, _gather, _merge, _round_keys
+from dspark_jax.speculative.decode import STASH_POSITIONS, Core, _commit, _gather, _merge, _round_keys
 from dspark_jax.speculative.profile import place_rows
 from dspark_jax.speculative.sampling import ACCEPT_STREAM, DRAFT_STREAM, position_keys
 from dspark_jax.speculative.schedule import SpecParams, schedule_prefix, survival
@@ -55,11 +57,21 @@ def core_at(target, draft, rows: int, context: int, gamma: int = 0):
     return core, place_rows(core, rows, context, table, np.random.default_rng(0)), table
 
 
+def plain_step_seconds(core: Core, slots, table) -> float:
+    """Seconds per plain step over runs of STASH_POSITIONS steps (a speculative core's ends with its flush)."""
+    def run():
+        for _ in range(STASH_POSITIONS):
+            out = core.decode(slots, table, filters=False)
+        if core.draft is not None:
+            core.flush(slots, table)
+        return out.count
+    return timed(run, repeats=8, warmup=2) / STASH_POSITIONS
+
+
 def bench_decode(name: str, target, batch: int, context: int, bandwidth: float) -> dict:
-    steps = 64
     core, slots, table = core_at(target, None, batch, context)
-    seconds = timed(lambda: core.decode(slots, table, filters=False).count, repeats=steps)
-    kv = kv_cache_bytes(target.kv_heads_and_dims(), batch * (context + steps), target.dtype)
+    seconds = plain_step_seconds(core, slots, table)
+    kv = kv_cache_bytes(target.kv_heads_and_dims(), batch * (context + 10 * STASH_POSITIONS), target.dtype)
     floor = (param_bytes(target) + kv) / bandwidth
     return {"model": name, "batch": batch, "context": context, "step_ms": seconds * 1e3, "floor_ms": floor * 1e3,
             "floor_fraction": floor / seconds, "tokens_per_s": batch / seconds}
@@ -147,7 +159,7 @@ def bench_round(target, draft, rows: int, context: int, gamma: int) -> dict:
         return core.fused_round(slots, table, False, capacity=rows * gamma, budget=budget).count
 
     whole = timed(run_round)
-    plain = timed(lambda: core.decode(slots, table, False).count)  # the plain step of this speculative core
+    plain = plain_step_seconds(core, slots, table)  # the plain step of this speculative core
     total_parts = sum(parts.values())
     return {"rows": rows, "context": context, "gamma": gamma, "verify_tokens": budget,
             **{f"{k}_ms": v * 1e3 for k, v in parts.items()}, "round_ms": whole * 1e3,

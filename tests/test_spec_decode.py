@@ -26,7 +26,7 @@ from dspark_jax.drafts.base import CacheGeometry, ProposeInputs
 from dspark_jax.models import create_target, forward
 from dspark_jax.engine import generate
 from dspark_jax.speculative.sampling import SamplingArrays, SamplingParams
-from dspark_jax.speculative.decode import Core, Piece, pack_chunk
+from dspark_jax.speculative.decode import STASH_POSITIONS, Core, Piece, pack_chunk
 from dspark_jax.speculative.schedule import SpecParams
 
 VOCAB = 61
@@ -139,12 +139,13 @@ def test_causal_rounds_launch_at_the_budget_the_sps_table_bounds(target, dspark)
 
 
 def test_plain_steps_between_rounds_keep_the_output_and_the_draft_context(target, dspark):
-    """A speculative core's plain step commits the target's token and feeds the anchor's position to
-    the draft as a round's commit does: after plain steps mixed with rounds the tokens equal plain
-    decoding and the draft's context cache holds, at every committed position, the K/V a dense pass
-    over the committed sequence gives (without the plain step's ingest those positions stay empty)."""
+    """A speculative core's plain step commits the target's token and stashes the anchor's position
+    for the draft, which ingests it before the next round (or when the stash is full): after plain
+    steps mixed with rounds, and runs of plain steps longer than the stash, the tokens equal plain
+    decoding and, after a last flush, the draft's context cache holds at every committed position the
+    K/V a dense pass over the committed sequence gives (without the flushes those positions stay empty)."""
     prompt = prompts_of(1, seed=101)[0]
-    new = 30
+    new = 60
     core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), slots=1, max_context=80,
                 page_size=16, num_pages=6)
     table = np.arange(core.pages_per_row, dtype=np.int32)[None]
@@ -153,10 +154,12 @@ def test_plain_steps_between_rounds_keep_the_output_and_the_draft_context(target
     core.prefill(pack_chunk([piece], rows=1, lane=64, slots=1, scratch_row=core.scratch_row), 64)
     slots, kinds = np.zeros(1, np.int32), []
     while not bool(core.state.done[0]):
-        plain = len(kinds) % 3 != 1  # plain, round, plain, plain, round, ...
+        plain = len(kinds) % 3 != 1 or len(kinds) > 10  # plain, round, plain, plain, round, ..., then plain only
         out = core.finish_round(core.begin_round(slots, table, False, plain=plain))
         kinds.append((plain, int(out.accepted[0])))
     assert any(p for p, _ in kinds) and any(a for p, a in kinds if not p)  # both kinds ran; drafts were accepted
+    assert sum(p for p, _ in kinds[10:]) > STASH_POSITIONS  # the stash filled up at least once
+    core.flush(slots, table)
     end = int(core.state.lens[0])  # the final anchor's position: every earlier one was ingested
     sequence = np.asarray(core.state.history[0, :end + 1])
     assert sequence[len(prompt):].tolist() == generate(target, None, [prompt], max_new_tokens=new).tokens[0]

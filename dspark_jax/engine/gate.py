@@ -1,16 +1,16 @@
 """When a speculative engine should not speculate: plain steps chosen from what the server measured.
 
 Algorithm 1 picks the best of the speculative rounds, and every one of them drafts; a plain step
-(one token per request, the draft only ingesting the new position) is the option it lacks. Per row
-bucket the gate keeps moving means of the tokens its rounds commit per live row (τ̄) and of the
-wall seconds of its rounds and of its plain steps as the scheduler times them, and runs plain steps
-while τ̄ · t_plain < t_round. The choice reads only steps already read back, never the tokens of
-the step it decides, and both programs are lossless, so outputs keep the target's law. After
-PROBE_EVERY steps of one kind in a row it runs one of the other, to keep both times and τ̄ current
-(acceptance moves with the batch's requests): always a round among plain steps, and a plain step
-among rounds only near the break-even (τ̄ · t_plain < NEAR · t_round), where a stale plain time
-could be hiding a better choice; past it, a plain step would only cost tokens. A bucket whose plain
-time is unknown runs one plain step to learn it.
+(one token per request; the draft's inputs for the new position wait in the core's stash) is the
+option it lacks. Per row bucket the gate keeps moving means of the tokens its rounds commit per live
+row (τ̄) and of the wall seconds of its rounds and of its plain steps as the scheduler times them,
+and runs plain steps while τ̄ · t_plain < t_round. The choice reads only steps already read back,
+never the tokens of the step it decides, and both programs are lossless, so outputs keep the
+target's law. After PROBE_EVERY steps of one kind in a row it runs one of the other, to keep both
+times and τ̄ current (acceptance moves with the batch's requests): always a round among plain steps,
+and a plain step among rounds only near the break-even (τ̄ · t_plain < NEAR · t_round), where a
+stale plain time could be hiding a better choice; past it, a plain step would only cost tokens. A
+bucket whose plain time is unknown runs one plain step to learn it.
 
 Several processes (dspark_jax.engine.lockstep): only the leader's clock counts. The leader's gate
 keeps its timings in an outbox for the broadcast; the followers `observe_seconds` them.

@@ -10,8 +10,9 @@ which requests run, where their pages are and when they come and go is the calle
 (dspark_jax.engine). The programs:
 - prefill: a packed chunk of prompt pieces (admitting the slots whose piece starts a prompt,
   sampling the first token of those whose piece ends it), the target pass, the draft's ingest;
-- decode: one token per row; with a draft, it ingests the new position too (a plain step a
-  speculative core runs where a round would pay less);
+- decode: one token per row; with a draft, a plain step a speculative core runs where a round
+  would pay less: it stashes the draft's inputs for the new position (`PlainStash`), and a flush
+  (one ingest of every stashed position) runs before the slot's next round or when its stash is full;
 - round: a whole speculative round (draft, schedule, verify, commit) for the fixed and async
   schedulers, whose verify budget is known before launch;
 - draft + verify: the round split after scheduling, for threshold and causal, whose budget the
@@ -44,6 +45,7 @@ from dspark_jax.speculative.schedule import (SpecParams, admit_top, best_capacit
 from dspark_jax.speculative.verify import verify
 
 STOP_SLOTS = 16  # token ids per request that end it (its EOS ids included)
+STASH_POSITIONS = 16  # plain steps a slot may run before the draft must ingest what they captured
 MIN_LANE = 16  # shortest prompt piece slot of a prefill chunk
 MIN_BUDGET = 16  # smallest verify-token bucket above one row
 
@@ -436,10 +438,20 @@ class _RoundShape:
     filters: bool  # some row uses top-k/top-p
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches", "dstate"))
-def _decode_program(graphdefs, params, state: SlotState, caches, dstate, slots, page_table, *, shape: _RoundShape):
-    """Feed each live row's anchor, sample the next token (and let the draft ingest the anchor's
-    position, whose next token is now known). Finished and padding rows stand still."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PlainStash:
+    """The draft's inputs that plain steps captured, per slot at position mod STASH_POSITIONS, until a
+    flush ingests them: one ingest of many positions costs far less than one per step (launch-bound)."""
+
+    features: jax.Array | None  # [S, P, Σ] the target's captured layers (None: the draft captures none)
+    next_tokens: jax.Array  # [S, P] int32 the token after each position
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("state", "caches", "stash"))
+def _decode_program(graphdefs, params, state: SlotState, caches, stash, slots, page_table, *, shape: _RoundShape):
+    """Feed each live row's anchor and sample the next token (a speculative core stashes the anchor's
+    position for its draft, whose next token is now known). Finished and padding rows stand still."""
     with ops.use(shape.backend):
         target, draft = _merge(graphdefs, params)
         rows = _gather(state, slots, shape.filters)
@@ -452,14 +464,36 @@ def _decode_program(graphdefs, params, state: SlotState, caches, dstate, slots, 
                                                    rows.slots, capture)
         logits = target.logits(hidden[jnp.minimum(layout.meta.cu_q_lens[:-1], n - 1)])
         nxt = sample(logits, rows.sampling, position_keys(rows.keys, rows.lens + 1, TARGET_STREAM))
-        if draft is not None:
-            dstate = draft.ingest(target, dstate, features, nxt[layout.token_req], layout, rows.slots)
+        if stash is not None:
+            into = jnp.where(layout.valid, rows.slots[layout.token_req], state.lens.shape[0])
+            ring = layout.positions % stash.next_tokens.shape[1]
+            stash = PlainStash(
+                features=None if features is None else stash.features.at[into, ring].set(features, mode="drop"),
+                next_tokens=stash.next_tokens.at[into, ring].set(nxt[layout.token_req], mode="drop"))
         zero = jnp.zeros((n,), jnp.int32)
         rows, history, count = _commit(rows, state.history, nxt[:, None], zero)
         state = _scatter(dataclasses.replace(state, history=history), rows)
-        return state, caches, dstate, RoundOutputs(tokens=nxt[:, None], count=count, done=rows.done, live=live,
-                                                   lengths=zero, accepted=zero, confidence_logits=None,
-                                                   next_capacity=jnp.zeros((), jnp.int32))
+        return state, caches, stash, RoundOutputs(tokens=nxt[:, None], count=count, done=rows.done, live=live,
+                                                  lengths=zero, accepted=zero, confidence_logits=None,
+                                                  next_capacity=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "shape"), donate_argnames=("dstate",))
+def _flush_program(graphdefs, params, state: SlotState, dstate, stash: PlainStash, slots, page_table, counts, *,
+                   shape: _RoundShape):
+    """The draft ingests the `counts[i]` positions before row i's anchor that plain steps stashed."""
+    with ops.use(shape.backend):
+        target, draft = _merge(graphdefs, params)
+        num, positions = state.lens.shape[0], stash.next_tokens.shape[1]
+        at = jnp.minimum(slots, num - 1)
+        lens = state.lens[at]
+        counts = jnp.where(slots < num, jnp.minimum(counts, lens), 0)
+        layout = ragged_layout(page_table, lens - counts, counts, num_tokens=slots.shape[0] * positions,
+                               max_q_len=positions, page_size=shape.geometry.page_size,
+                               num_slots=shape.geometry.num_slots)
+        source, ring = at[layout.token_req], layout.positions % positions
+        features = None if stash.features is None else stash.features[source, ring]
+        return draft.ingest(target, dstate, features, stash.next_tokens[source, ring], layout, slots)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,6 +666,8 @@ class Core:
         self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
                        if draft is not None else None)
         self.state = SlotState.empty(slots, max_context, model_mesh(target))
+        self.stash = self._empty_stash() if draft is not None else None
+        self._stashed = np.zeros(slots, np.int32)  # positions stashed per slot since its last flush
         self.compiles = CompileLog()
         self._sps = None  # rounds/s by verify tokens (causal, async)
         self._tables: dict[int, jax.Array] = {}
@@ -726,11 +762,28 @@ class Core:
         return _RoundShape(gamma=self.gamma, scheduler=spec.scheduler, threshold=spec.threshold,
                            geometry=self.geometry, cache=self.cache, backend=self.backend, filters=filters)
 
+    def _empty_stash(self) -> PlainStash:
+        device = replicated(model_mesh(self.target))
+        features = None
+        if self.capture:  # the captured width depends on the family (V4 captures every mHC stream)
+            one = ragged_layout(self.scratch_row[None], np.zeros(1), np.ones(1), num_tokens=1, max_q_len=1,
+                                page_size=self.geometry.page_size, num_slots=self.geometry.num_slots)
+            zeros = np.zeros(1, np.int32)
+            with ops.use(self.backend):
+                _, captured, _ = jax.eval_shape(
+                    lambda caches: self.cache.run(self.target, caches, zeros, one, zeros, zeros, self.capture),
+                    self.caches)
+            features = jnp.zeros((self.slots, STASH_POSITIONS, captured.shape[-1]), captured.dtype, device=device)
+        return PlainStash(features=features,
+                          next_tokens=jnp.zeros((self.slots, STASH_POSITIONS), jnp.int32, device=device))
+
     # -- programs
 
     def prefill(self, chunk: PrefillChunk, lane: int) -> PrefillOutputs:
         shape = _PrefillShape(lane=lane, geometry=self.geometry, cache=self.cache, capture=self.capture,
                               backend=self.backend)
+        admitted = chunk.slots[chunk.admit]
+        self._stashed[admitted[admitted < self.slots]] = 0
         with self.compiles.track(f"prefill rows={chunk.slots.shape[0]} lane={lane}"):
             self.state, self.caches, self.dstate, out = _prefill_program(
                 self.graphdefs, self.params, self.state, self.caches, self.dstate, chunk, shape=shape)
@@ -739,11 +792,29 @@ class Core:
         return out
 
     def decode(self, slots: np.ndarray, page_table: np.ndarray, filters: bool) -> RoundOutputs:
+        """One plain step; a speculative core first flushes its stash where a row's is full."""
+        real = slots[slots < self.slots]
+        if self.stash is not None and np.any(self._stashed[real] >= STASH_POSITIONS):
+            self.flush(slots, page_table)
         with self.compiles.track(f"decode rows={len(slots)} filters={filters}"):
-            self.state, self.caches, self.dstate, out = _decode_program(
-                self.graphdefs, self.params, self.state, self.caches, self.dstate, slots, page_table,
+            self.state, self.caches, self.stash, out = _decode_program(
+                self.graphdefs, self.params, self.state, self.caches, self.stash, slots, page_table,
                 shape=self._round_shape(filters))
+        self._stashed[real] += 1
         return out
+
+    def flush(self, slots: np.ndarray, page_table: np.ndarray) -> None:
+        """Let the draft ingest every position plain steps stashed for these rows (a no-op without any)."""
+        real = slots < self.slots
+        counts = np.where(real, self._stashed[np.minimum(slots, self.slots - 1)], 0).astype(np.int32)
+        if counts.any():
+            self._ingest_stash(slots, page_table, counts)
+            self._stashed[slots[real]] = 0
+
+    def _ingest_stash(self, slots: np.ndarray, page_table: np.ndarray, counts: np.ndarray) -> None:
+        with self.compiles.track(f"flush rows={len(slots)}"):
+            self.dstate = _flush_program(self.graphdefs, self.params, self.state, self.dstate, self.stash, slots,
+                                         page_table, counts, shape=self._round_shape(False))
 
     def fused_round(self, slots: np.ndarray, page_table, filters: bool, capacity: int, budget: int,
                     sps=None) -> RoundOutputs:
@@ -786,11 +857,13 @@ class Core:
         A split round (`splits`) stops after drafting (the host has not read the token total yet);
         the others launch the whole round. `capacity` (async) is the token count computed by an
         earlier round (None: every draft token may be admitted). `plain`: a plain decode step
-        instead, which still feeds the draft (lossless either way; see engine.scheduler.PlainGate).
+        instead, whose position the draft ingests before the slot's next round (lossless either way;
+        see engine.gate.PlainGate).
         """
         rows = len(slots)
         if self.draft is None or plain:
             return self.decode(slots, page_table, filters)
+        self.flush(slots, page_table)
         if self.splits(rows):
             return self.draft_step(slots, page_table, filters)
         capacity, budget = self._launch(rows, int(np.sum(slots < self.slots)), capacity)
@@ -827,6 +900,8 @@ class Core:
                     self.decode(slots, table, filters)
                 if self.draft is None:
                     continue
+                if self.plain_steps and not filters:
+                    self._ingest_stash(slots, table, np.zeros(rows, np.int32))
                 if self.splits(rows):
                     drafted = self.draft_step(slots, table, filters)
                 for budget in self.budgets(rows):
