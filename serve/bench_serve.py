@@ -20,7 +20,8 @@ request set at concurrency c, which compiles the shapes the measured pass meets.
 the cell's wall time; TTFT (request sent → first
 token), ITL (gaps between streamed chunks, each holding one round's tokens) and TPOT ((end − first
 token) / (tokens − 1)) as median and p99; the mean accepted length per round, the share of request-steps run
-plain and the compilations during the measured part (should be 0), from the server's /metrics. This process
+plain and the compilations during the measured part (should be 0), and the plain-step gate's moving step
+times and tokens per round by row bucket at the cell's end, from the server's /metrics. This process
 never touches the GPU (the server owns it).
 Cells left when --time-budget seconds have passed are skipped and listed.
 """
@@ -53,6 +54,8 @@ MODELS = {  # name -> (config, endpoint, extra --set overrides)
 ACCEPTED = "dspark_accepted_length"
 COMPILES = "dspark_compilations_after_warmup_total"
 PLAIN = "dspark_plain_steps_total"
+STEP_SECONDS = "dspark_step_seconds"
+ROUND_TOKENS = "dspark_round_tokens"
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -66,6 +69,18 @@ def metric_samples(url: str) -> dict[str, float]:
         for s in family.samples:
             totals[s.name] = totals.get(s.name, 0.0) + s.value
     return totals
+
+
+def gate_means(url: str) -> dict[str, dict[str, float]]:
+    """The plain-step gate's moving means by row bucket: round/plain step ms and tokens per round."""
+    means: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name == STEP_SECONDS:
+                means.setdefault(s.labels["rows"], {})[f"{s.labels['kind']}_ms"] = round(1e3 * s.value, 3)
+            elif s.name == ROUND_TOKENS:
+                means.setdefault(s.labels["rows"], {})["tau"] = round(s.value, 3)
+    return means
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -211,7 +226,8 @@ def main(argv=None) -> int:
                     results, seconds = asyncio.run(run_cell(server.url, bodies, c, path))
                     cell = {"model": model, "mode": mode, "concurrency": c, "startup_s": startup,
                             "warmup_s": round(warm_seconds, 1),
-                            **summarize(results, seconds, before, metric_samples(server.url))}
+                            **summarize(results, seconds, before, metric_samples(server.url)),
+                            "gate": gate_means(server.url)}
                     result["cells"].append(cell)
                     print(json.dumps(cell), flush=True)
             except RuntimeError as e:  # the server did not come up: record it, go on with the next

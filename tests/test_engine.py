@@ -287,8 +287,8 @@ def test_a_causal_engine_runs_plain_steps_where_rounds_pay_less(target, dspark, 
     """Step times saying a round costs ten plain steps (fed as a follower's gate is fed, so the
     choices do not depend on this machine's clock): a round commits at most γ+1 = 5 tokens a row,
     so after each row bucket's first round the engine runs plain steps, with a round every
-    PROBE_EVERY of them. The probes still accept drafts (plain steps keep feeding the draft's
-    context) and every output stays plain decoding's."""
+    PROBE_EVERY of them. The probes still accept drafts (the draft ingests what plain steps stashed
+    before each probe) and every output stays plain decoding's; /metrics shows the gate's means."""
     engine = Engine(target, dspark, spec=SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), config=CONFIG)
     engine.scheduler.clock = None
     for rows in engine.core.row_buckets():
@@ -305,6 +305,9 @@ def test_a_causal_engine_runs_plain_steps_where_rounds_pay_less(target, dspark, 
     plain, rounds = metrics("dspark_plain_steps_total"), metrics("dspark_verify_length_count")
     assert plain > 2 * PROBE_EVERY and 0 < rounds < plain / 2, (plain, rounds)  # mostly plain, still probing
     assert metrics("dspark_position_accepted_total", {"position": "1"}) > 0
+    assert metrics("dspark_step_seconds", {"rows": "1", "kind": "plain"}) == 0.001  # nothing timed but what was fed
+    assert metrics("dspark_step_seconds", {"rows": "2", "kind": "round"}) == 0.010
+    assert 1.0 <= metrics("dspark_round_tokens", {"rows": "1"}) <= GAMMA + 1
     stats = [r[2].stats for r in results]
     assert sum(s.plain_steps for s in stats) == plain
     for s in stats:  # the acceptance length counts speculative rounds only

@@ -405,6 +405,8 @@ class Engine:
         self.metrics.running.set(self.scheduler.running)
         self.metrics.waiting.set(len(self._inbox) + len(self.scheduler.waiting))
         self.metrics.pages_used.set(self.scheduler.allocator.used_pages)
+        if self.scheduler.gate is not None:
+            self.metrics.observe_gate(self.scheduler.gate)
         new = self.compiles_after_warmup - self._reported_compiles
         if new > 0:
             log.log(logging.WARNING if self.config.warmup else logging.INFO, "compiled after warm-up: %s",

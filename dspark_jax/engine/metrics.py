@@ -49,6 +49,11 @@ class EngineMetrics:
         self.plain_steps = Counter("dspark_plain_steps", "Request-steps a speculative engine ran as plain decoding "
                                    "(past rounds' accepted lengths said a round gives fewer tokens/s); not "
                                    "request-rounds", registry=r)
+        self.step_seconds = Gauge("dspark_step_seconds", "Moving mean wall seconds of a step by row bucket and kind "
+                                  "(round or plain), as the plain-step gate measured them", ["rows", "kind"],
+                                  registry=r)
+        self.round_tokens = Gauge("dspark_round_tokens", "Moving mean tokens a round committed per live row, by "
+                                  "row bucket, as the plain-step gate measured them", ["rows"], registry=r)
         self.gamma = gamma
         self._reached = [0] * gamma
         self._accepted = [0] * gamma
@@ -66,6 +71,12 @@ class EngineMetrics:
                 self._accepted[k] += 1
                 self.accepted.labels(position).inc()
             self.acceptance_rate.labels(position).set(self._accepted[k] / self._reached[k])
+
+    def observe_gate(self, gate) -> None:
+        for (rows, plain), seconds in gate.seconds.items():
+            self.step_seconds.labels(str(rows), "plain" if plain else "round").set(seconds)
+        for rows, tau in gate.tau.items():
+            self.round_tokens.labels(str(rows)).set(tau)
 
     def position_acceptance(self) -> list[float]:
         """Accepted / reached per draft position since start, up to the last position any round reached."""
