@@ -5,8 +5,9 @@
 A case is `backend:layers:rows[:cache]`: a Qwen3-4B-shaped target (random bf16 weights) cut to
 `layers` decoder layers, with the 5-layer DSpark draft of configs/qwen3_4b.py, serving `rows`
 requests of a 1,024-token context. Each case runs in a fresh process (so nothing is cached in
-memory) and times: the session start (prefill programs), the first plain decode step, the first
-speculative round (γ = 7, fixed), then the steady step and round (medians). JAX's compile events
+memory) and times: placing the requests (a prefill program), the first plain decode step, the
+first speculative round (γ = 7, fixed, every draft token verified), then the steady step and
+round (medians). XLA_FLAGS in the environment (e.g. --xla_gpu_autotune_level=0) apply to every case. JAX's compile events
 are summed per program and phase. `cache` names a persistent compilation cache folder (under
 --cache-root) shared by the cases that name it: the second case on one folder measures a warm cache. Cases run in order
 and each gets what is left of --budget-s; a case cut short is recorded as such.
@@ -51,10 +52,11 @@ def run_case(backend: str, layers: int, rows: int, cache: str | None) -> dict:
     import numpy as np
 
     import dspark_jax as dj
+    from dspark_jax.cache import pages_for
     from dspark_jax.drafts import create_draft
     from dspark_jax.models import create_target
-    from dspark_jax.speculative.decode import Session
-    from dspark_jax.speculative.sampling import SamplingParams
+    from dspark_jax.speculative.decode import Core
+    from dspark_jax.speculative.profile import place_rows
     from dspark_jax.speculative.schedule import SpecParams
     sys.path.insert(0, os.path.dirname(__file__))
     from timing import timed
@@ -64,10 +66,8 @@ def run_case(backend: str, layers: int, rows: int, cache: str | None) -> dict:
     ids = cfg.draft.target_layer_ids if layers == cfg.target.arch.num_layers else tuple(range(min(5, layers - 1)))
     target = create_target(arch, dtype="bfloat16")
     draft = create_draft(dataclasses.replace(cfg.draft, target_layer_ids=ids), target)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, arch.vocab_size, 1024).tolist() for _ in range(rows)]
     out = {"backend": backend, "layers": layers, "rows": rows, "cache": bool(cache),
-           "device": jax.devices()[0].device_kind}
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "device": jax.devices()[0].device_kind}
 
     def stage(name, fn):
         before = dict(phases)
@@ -78,22 +78,31 @@ def run_case(backend: str, layers: int, rows: int, cache: str | None) -> dict:
         print(json.dumps({name: out[f"{name}_s"], **out[f"{name}_compile_phases_s"]}), flush=True)
         return result
 
-    common = dict(sampling=SamplingParams(), seed=0, page_size=16, prefill_chunk=2048, backend=backend)
-    plain = stage("plain_session", lambda: Session(target, None, prompts, max_new_tokens=256,
-                                                   spec=SpecParams(), **common))
+    context, gamma = 1024, 7
+    max_context = context + 512
+
+    def core_of(draft_or_none, prefix):
+        """A core with `rows` requests at `context` positions (its first prefill program compiled)."""
+        spec = SpecParams(block_size=gamma, scheduler="fixed") if draft_or_none is not None else None
+        core = Core(target, draft_or_none, spec, slots=rows, max_context=max_context, page_size=16,
+                    num_pages=rows * pages_for(max_context + gamma, 16), backend=backend)
+        table = np.arange(rows * core.pages_per_row, dtype=np.int32).reshape(rows, core.pages_per_row)
+        slots = stage(f"{prefix}_prefill", lambda: place_rows(core, rows, context, table, np.random.default_rng(0)))
+        jax.block_until_ready(core.state)
+        return core, slots, table
+
+    plain, slots, table = core_of(None, "plain")
 
     def plain_step():
-        plain.plain_step()
-        return plain.state.lens
+        return plain.decode(slots, table, False).count
 
     stage("plain_first_step", lambda: jax.block_until_ready(plain_step()))
     out["plain_step_ms"] = round(timed(plain_step, repeats=20) * 1e3, 3)
-    spec = stage("spec_session", lambda: Session(target, draft, prompts, max_new_tokens=512,
-                                                 spec=SpecParams(block_size=7), **common))
+    del plain
+    spec, slots, table = core_of(draft, "spec")
 
     def spec_round():
-        spec.spec_round()
-        return spec.state.lens
+        return spec.fused_round(slots, table, False, rows * gamma, rows * (gamma + 1)).count
 
     stage("first_round", lambda: jax.block_until_ready(spec_round()))
     out["round_ms"] = round(timed(spec_round, repeats=10) * 1e3, 3)
@@ -140,10 +149,10 @@ def main():
         results.append(row)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
-    print(f"{'case':18s} {'plain sess':>10s} {'1st step':>9s} {'step ms':>8s} {'spec sess':>10s} {'1st round':>9s} "
+    print(f"{'case':18s} {'plain pre':>9s} {'1st step':>9s} {'step ms':>9s} {'spec pre':>9s} {'1st round':>9s} "
           f"{'round ms':>9s}")
     for r in results:
-        cells = [r.get(k, "-") for k in ("plain_session_s", "plain_first_step_s", "plain_step_ms", "spec_session_s",
+        cells = [r.get(k, "-") for k in ("plain_prefill_s", "plain_first_step_s", "plain_step_ms", "spec_prefill_s",
                                          "first_round_s", "round_ms")]
         note = r.get("skipped") or (f"timed out {r['timed_out_after_s']} s" if "timed_out_after_s" in r else "")
         print(f"{r['case']:18s} " + " ".join(f"{c:>9}" for c in cells) + f" {note}")
