@@ -10,6 +10,7 @@ retired while others run; after every test the KV page pool is whole again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import jax.numpy as jnp
@@ -21,7 +22,9 @@ from dspark_jax.config import DraftConfig, LlamaArch
 from dspark_jax.drafts import create_draft
 from dspark_jax.engine import Engine, EngineClosed, EngineConfig, EngineFull, RequestParams, generate
 from dspark_jax.engine.gate import PROBE_EVERY
+from dspark_jax.engine.scheduler import Request, Scheduler
 from dspark_jax.models import create_target, forward
+from dspark_jax.speculative.decode import Core
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
 
@@ -317,6 +320,40 @@ def test_a_causal_engine_runs_plain_steps_where_rounds_pay_less(target, dspark, 
     assert max(s.acceptance_length or 0 for s in stats) > 1.5  # rounds that accepted drafts, not diluted
     assert_pool_whole(engine)
     engine.shutdown(1.0)
+
+
+def test_the_scheduler_times_a_step_only_when_the_next_launch_is_of_its_kind(target, dspark):
+    """A step's measured time ends with its read, which comes after the next launch: timing a plain
+    step followed by a round (or by a prefill) would charge it the round's launch. The gate must
+    see only steps whose following launch is of their kind; its two-step probes give both kinds."""
+    core = Core(target, dspark, SpecParams(block_size=GAMMA, scheduler="causal", sps=SPS), slots=2, max_context=64,
+                page_size=16, num_pages=8)
+    core.compile_all(32)  # a compile between a launch and its read spoils the timing anyway
+    ticks = itertools.count()
+    scheduler = Scheduler(core, prefill_chunk=32, plain_steps=True, clock=lambda: float(next(ticks)))
+    gate, launched, observed = scheduler.gate, {}, []
+    choose, observe, prefill = gate.choose, gate.observe_seconds, core.prefill
+
+    def choosing(rows):
+        launched["kind"] = choose(rows)
+        return launched["kind"]
+
+    def prefilling(chunk, lane):
+        launched["kind"] = "prefill"
+        return prefill(chunk, lane)
+
+    def observing(rows, plain, seconds):
+        observed.append((plain, launched.get("kind", plain)))
+        observe(rows, plain, seconds)
+    gate.choose, gate.observe_seconds, core.prefill = choosing, observing, prefilling
+    for i, (prompt, new) in enumerate([(REQUESTS[0][0], 60), (REQUESTS[2][0], 45)]):
+        scheduler.add(Request(id=str(i), prompt=list(prompt), params=RequestParams(max_tokens=new), seed=0, stream=i,
+                              stop_ids=()))
+    while scheduler.has_work():
+        launched.clear()
+        scheduler.step()
+    assert {plain for plain, _ in observed} == {True, False}, observed
+    assert all(plain == following for plain, following in observed), observed
 
 
 def test_a_request_that_exactly_fills_the_pool_still_runs(target, dspark):

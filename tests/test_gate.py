@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_jax.engine.gate import PROBE_EVERY, PlainGate
+from dspark_jax.engine.gate import PROBE_EVERY, PROBE_LEN, PlainGate
 
 
 def test_the_gate_runs_rounds_until_it_can_compare_then_the_faster_per_token():
@@ -11,7 +11,7 @@ def test_the_gate_runs_rounds_until_it_can_compare_then_the_faster_per_token():
     gate.observe_round(4, 2.0)
     assert not gate.choose(4)  # the round's time is unknown: a round measures it
     gate.observe_seconds(4, False, 0.010)
-    assert gate.choose(4)  # a plain step's time is unknown: one plain step measures it
+    assert [gate.choose(4) for _ in range(PROBE_LEN)] == [True] * PROBE_LEN  # a plain probe measures plain steps
     gate.observe_seconds(4, True, 0.006)
     assert not gate.choose(4)  # 2 tokens per 10 ms beats 1 per 6 ms
     gate.observe_round(4, 1.0)  # τ̄ = 2 + (1 − 2)/8 = 1.875: 1.875 × 6 ms > 10 ms still
@@ -22,13 +22,13 @@ def test_the_gate_runs_rounds_until_it_can_compare_then_the_faster_per_token():
     assert not gate.choose(8)  # another row bucket knows nothing yet
 
 
-def test_the_gate_probes_with_a_round_every_probe_every_plain_steps():
+def test_the_gate_probes_with_rounds_every_probe_every_plain_steps():
     gate = PlainGate()
     gate.observe_round(2, 1.0)
     gate.observe_seconds(2, False, 0.02)
     gate.observe_seconds(2, True, 0.01)
-    choices = [gate.choose(2) for _ in range(3 * (PROBE_EVERY + 1))]
-    assert choices == ([True] * PROBE_EVERY + [False]) * 3
+    choices = [gate.choose(2) for _ in range(3 * (PROBE_EVERY + PROBE_LEN))]
+    assert choices == ([True] * PROBE_EVERY + [False] * PROBE_LEN) * 3
 
 
 def test_the_gate_keeps_its_timings_for_a_broadcast_only_with_an_outbox():
@@ -48,5 +48,6 @@ def test_rounds_re_measure_plain_steps_only_near_the_break_even():
         gate.observe_seconds(1, False, 0.010)
         gate.observe_seconds(1, True, 0.006)
     # near: 2 × 6 ms > 10 ms, but within 1.5× of it; far: 3 × 6 ms = 18 ms is past 15 ms
-    assert [near.choose(1) for _ in range(2 * (PROBE_EVERY + 1))] == ([False] * PROBE_EVERY + [True]) * 2
+    assert [near.choose(1) for _ in range(2 * (PROBE_EVERY + PROBE_LEN))] == ([False] * PROBE_EVERY
+                                                                              + [True] * PROBE_LEN) * 2
     assert not any(far.choose(1) for _ in range(3 * PROBE_EVERY))

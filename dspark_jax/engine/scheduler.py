@@ -118,7 +118,8 @@ class Scheduler:
     `plain_steps`: where the core allows them (`Core.plain_steps`), run plain steps wherever a
     PlainGate says rounds pay less (the engine does; `generate`, which measures acceptance, does
     not). The gate learns step times from `clock`: a step runs from the later of its launch and
-    the previous read until its own outputs are read (the device runs steps in order). With
+    the previous read until its own outputs are read (the device runs steps in order), and is
+    timed only when the step launched meanwhile is of its kind (plain or round, no prefill). With
     clock=None (a follower of a multi-process job) it is fed the leader's timings instead.
     """
 
@@ -235,7 +236,9 @@ class Scheduler:
             pending = self.core.begin_round(slots, table, any(r.params.filters for r in rows), self._capacity, plain)
         report.idle = self._launched is None and prefill is None and pending is None
         if self._launched is not None:
-            self._read(self._launched, report)
+            # The previous step's time holds this step's launch: it counts only when the launch is of its kind.
+            alike = prefill is None and (pending is None or plain == self._launched.plain)
+            self._read(self._launched, report, alike)
             self._launched = None
         if prefill is not None or pending is not None:
             timed = prefill is None and pending is not None and self.core.compiles.count == compiles
@@ -309,12 +312,13 @@ class Scheduler:
 
     # -- reading back
 
-    def _read(self, launched: _Launched, report: StepReport) -> None:
+    def _read(self, launched: _Launched, report: StepReport, alike: bool) -> None:
         prefill, outputs = jax.device_get((launched.prefill, launched.round))
         now = time.perf_counter()
         if self.clock is not None:
             read_at = self.clock()
-            if self.gate is not None and launched.timed and self.core.compiles.count == launched.compiles:
+            if (self.gate is not None and launched.timed and alike
+                    and self.core.compiles.count == launched.compiles):
                 self.gate.observe_seconds(self._row_bucket(len(launched.rows)), launched.plain,
                                           read_at - max(launched.launched_at, self._last_read))
             self._last_read = read_at
