@@ -280,7 +280,7 @@ def test_a_causal_engine_profiles_its_rounds_at_warmup(target, dspark, alone, tm
     assert len(list((tmp_path / "sps").glob("*.json"))) == 1
     assert engine.stats()["compiles_after_warmup"] == 0
     assert not [shape for shape in engine.core.compiles.shapes if shape.startswith(("draft", "verify"))]
-    plain_steps = {"decode rows=1 filters=False", "decode rows=2 filters=True"}
+    plain_steps = {"decode rows=1 filters=False", "decode rows=2 filters=True", "flush rows=1", "flush rows=2"}
     assert plain_steps <= set(engine.core.compiles.shapes)
     assert_pool_whole(engine)
     engine.shutdown(1.0)
