@@ -14,6 +14,10 @@ modes also record whether their tokens equal plain decoding's (they must).
 plain and with prompt lookup, its n-gram drafting) and records its tok/s and whether its greedy
 tokens equal ours; it needs torch (on the first CUDA device, else the CPU) and a target with an HF
 folder, and --hf-python names a Python that has them when this one does not.
+--replay RATES (random-weight targets, greedy): the target's attention outputs are zeroed (same
+compute, a predictable next token) and the DSpark draft is wrapped by serve/replay_draft.py, so
+its tokens are accepted with the given conditional rate per draft position (the last rate repeats)
+while the draft's whole cost stays in every round; plain decoding runs on the same target.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dspark_jax.eval import atomic_write_text, first_turn_ids, read_prompt_sets
 from dspark_jax.loading import checkpoint_folder, load_draft, load_target, load_tokenizer
 from dspark_jax.speculative.sampling import SamplingParams
 from dspark_jax.speculative.schedule import SpecParams
+from replay_draft import ReplayDraft, expected_tau, make_predictable  # serve/ (the script's folder)
 
 MODES = ("plain", "causal", "fixed", "ngram")
 
@@ -94,7 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kernels", default=None, help="kernel backend; default: the config's serve.kernels")
     parser.add_argument("--hf", action="store_true", help="also time HF transformers (subprocess, CUDA)")
     parser.add_argument("--hf-python", default=sys.executable, help="the Python with torch + transformers for --hf")
+    parser.add_argument("--replay", default="", help="conditional acceptance rates per draft position, e.g. "
+                        "0.8,0.75,0.7 (random-weight targets at temperature 0)")
     args = parser.parse_args(argv)
+    if args.replay and args.temperature != 0.0:
+        parser.error("--replay needs --temperature 0 (the replayed tokens are accepted by greedy verification)")
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         parser.error(f"--modes: unknown {sorted(unknown)}; expected some of {list(MODES)}")
@@ -105,12 +114,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     target = load_target(cfg)
+    rates = tuple(float(r) for r in args.replay.split(",")) if args.replay else ()
+    if rates:
+        if cfg.target.source:
+            raise SystemExit("--replay: for random-weight targets only (it zeroes the target's attention outputs)")
+        table = make_predictable(target)
     modes = args.modes.split(",")
     drafts = {"plain": (None, None)}
     if "causal" in modes or "fixed" in modes:
         dspark = load_draft(cfg, target)
         if dspark is None:
             raise SystemExit(f"--config {args.config}: no draft (draft.kind={cfg.draft.kind!r}) for causal/fixed")
+        if rates:
+            dspark = ReplayDraft(dspark, table, rates)
         drafts["causal"] = (dspark, SpecParams(block_size=args.block_size, scheduler="causal"))
         drafts["fixed"] = (dspark, SpecParams(block_size=args.block_size))
     if "ngram" in modes:
@@ -120,6 +136,8 @@ def main(argv=None) -> int:
     prompts = prompt_ids(cfg, args, max(batches))
     result = {"config": args.config, "device": jax.devices()[0].device_kind, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "block_size": args.block_size, "rows": []}
+    if rates:
+        result.update(replay_rates=rates, replay_expected_tau=round(expected_tau(rates, args.block_size), 3))
     for batch in batches:
         plain = run_mode(target, drafts, "plain", prompts[:batch], args)
         rows = [plain] + [run_mode(target, drafts, m, prompts[:batch], args) for m in modes if m != "plain"]
