@@ -7,9 +7,11 @@ drafting and, optionally, with HF transformers.
 Per batch B the first B prompts (first turns through the checkpoint's chat template; random token
 ids of --prompt-len for a random-weight config) go through `generate` in each mode: one call to
 compile (and, for causal, to profile the SPS table once), then --repeats timed calls, median.
-Recorded per mode and batch: output tokens/s in total and per user (total ÷ B), wall seconds, τ
-(tokens committed per round) and speedup = the mode's tok/s ÷ plain's in the same run; greedy
-modes also record whether their tokens equal plain decoding's (they must).
+Recorded per mode and batch: output tokens/s in total and per user (total ÷ B) over the call's wall
+time (which counts building the decoding state and the prefill), the decode phase's tokens/s (after
+every prompt has its first token), τ (tokens committed per round) and both speedups = the mode's
+rate ÷ plain's in the same run; greedy modes also record whether their tokens equal plain decoding's
+(they must).
 --hf runs `serve/bench_hf.py --prompt-ids` on the same token ids in a subprocess (HF `generate`,
 plain and with prompt lookup, its n-gram drafting) and records its tok/s and whether its greedy
 tokens equal ours; it needs torch (on the first CUDA device, else the CPU) and a target with an HF
@@ -66,9 +68,12 @@ def run_mode(target, drafts: dict, mode: str, prompts, args) -> dict:
     call()  # compiles (and profiles the SPS table once for causal)
     runs = [call() for _ in range(args.repeats)]
     seconds = statistics.median(r.seconds for r in runs)
+    decode_seconds = statistics.median(r.decode_seconds for r in runs)
     tokens = sum(len(t) for t in runs[0].tokens)
+    decoded = tokens - len(prompts)  # each prompt's first token comes from its prefill
     return {"mode": mode, "batch": len(prompts), "seconds": round(seconds, 4), "output_tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1), "tokens_per_s_per_user": round(tokens / seconds / len(prompts), 1),
+            "decode_tokens_per_s": round(decoded / decode_seconds, 1),
             "tau": round(runs[0].stats.acceptance_length, 3) if draft is not None else 1.0,
             "tokens": runs[0].tokens}
 
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
         plain_tokens = plain["tokens"]
         for row in rows:
             row["speedup"] = round(row["tokens_per_s"] / plain["tokens_per_s"], 3)
+            if "decode_tokens_per_s" in row:  # HF rows time whole calls only
+                row["decode_speedup"] = round(row["decode_tokens_per_s"] / plain["decode_tokens_per_s"], 3)
             tokens = row.pop("tokens")
             if args.temperature == 0.0:
                 row["equals_plain"] = tokens == plain_tokens

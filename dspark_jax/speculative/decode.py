@@ -666,7 +666,7 @@ class Core:
         self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
                        if draft is not None else None)
         self.state = SlotState.empty(slots, max_context, model_mesh(target))
-        self.stash = self._empty_stash() if draft is not None else None
+        self.stash: PlainStash | None = None  # a speculative core's, made by its first plain step
         self._stashed = np.zeros(slots, np.int32)  # positions stashed per slot since its last flush
         self.compiles = CompileLog()
         self._sps = None  # rounds/s by verify tokens (causal, async)
@@ -794,6 +794,8 @@ class Core:
     def decode(self, slots: np.ndarray, page_table: np.ndarray, filters: bool) -> RoundOutputs:
         """One plain step; a speculative core first flushes its stash where a row's is full."""
         real = slots[slots < self.slots]
+        if self.draft is not None and self.stash is None:  # only engines run plain steps on speculative cores
+            self.stash = self._empty_stash()
         if self.stash is not None and np.any(self._stashed[real] >= STASH_POSITIONS):
             self.flush(slots, page_table)
         with self.compiles.track(f"decode rows={len(slots)} filters={filters}"):
