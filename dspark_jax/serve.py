@@ -206,17 +206,19 @@ def run_prompt(cfg: Config, prompt: str, devices: int | None = None) -> dict | N
     return stats
 
 
-def run_http(cfg: Config, args: argparse.Namespace) -> int:
-    """Load the target, tokenizer (none for random weights) and draft, and serve them over HTTP."""
+def run_http(cfg: Config, args: argparse.Namespace, models: tuple | None = None) -> int:
+    """Serve over HTTP the configured target, its tokenizer (none for random weights) and draft, loaded
+    here, or the (target, tokenizer, draft) a caller already built (`models`)."""
     # here, not at the top: fastapi/uvicorn are the `serve` extra, which --prompt and --dry-run do without
     from dspark_jax.server import ServedModel, create_app, run_server
 
-    folder = target_folder(cfg)
     ensure_fits(cfg, batch=cfg.serve.max_batch, context=cfg.serve.max_context,
                 devices=mesh_devices(cfg, args.devices))
-    target = load_target(cfg, mesh=serving_mesh(cfg, args.devices))
-    tokenizer = load_tokenizer(folder) if folder is not None else None
-    draft = load_draft(cfg, target)
+    if models is None:
+        folder = target_folder(cfg)
+        target = load_target(cfg, mesh=serving_mesh(cfg, args.devices))
+        models = (target, load_tokenizer(folder) if folder is not None else None, load_draft(cfg, target))
+    target, tokenizer, draft = models
     engine = Engine(target, draft, tokenizer=tokenizer, spec=spec_params(cfg, draft) if draft is not None else None,
                     config=EngineConfig.from_serve(cfg.serve))
     if not engine.leader:

@@ -2,7 +2,7 @@
 
     python serve/bench_serve.py --prompts PROMPTS.jsonl|DIR --out bench_serve.json
         [--models smollm2,qwen3_4b] [--modes none,fixed,causal] [--concurrency 1,4,16,64]
-        [--max-tokens 128] [--time-budget 420]
+        [--max-tokens 128] [--time-budget 420] [--replay 0.8,0.75,0.7]
 
 For each model and mode a server process (`python -m dspark_jax.serve`, on 127.0.0.1) is started
 and, at each concurrency c, c streaming clients send requests back to back (max(8, 2c) requests
@@ -14,6 +14,9 @@ say a round pays less), `causal_rounds` is causal without that option. Models:
   qwen3_4b  Qwen3-4B's architecture with random weights + a random 5-layer DSpark draft; random
             token-id prompts of --prompt-len tokens through /v1/completions, exactly --max-tokens out
   FILE.py   any config file, served like qwen3_4b
+With --replay RATES the random-weight models' servers start through serve/replay_server.py: the
+target made predictable and the draft accepted at those conditional rates per position (in every
+mode, so `none` decodes the same target), the acceptance a trained draft would have.
 Servers start without the engine's warm-up; each cell first runs, unmeasured, a ladder of waves of
 1, 2, 4, ... < c requests (every row bucket the measured pass's tail may reach) and then its whole
 request set at concurrency c, which compiles the shapes the measured pass meets. Per cell: output tokens/s and requests/s over
@@ -173,7 +176,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--set", action="append", default=[], help="extra config override for every server")
     parser.add_argument("--time-budget", type=float, default=420.0, help="seconds; later cells are skipped")
-    return parser.parse_args(argv)
+    parser.add_argument("--replay", default="", help="random-weight models: conditional acceptance rates per draft "
+                        "position, e.g. 0.8,0.75,0.7; servers start through serve/replay_server.py (temperature 0)")
+    args = parser.parse_args(argv)
+    if args.replay and args.temperature != 0.0:
+        parser.error("--replay needs --temperature 0 (the replayed tokens are accepted by greedy verification)")
+    return args
 
 
 def main(argv=None) -> int:
@@ -188,6 +196,10 @@ def main(argv=None) -> int:
                   "serve.warmup=false"]
     result = {"device": device_name(), "max_tokens": args.max_tokens, "temperature": args.temperature,
               "prompts": len(prompts), "cells": [], "skipped": []}
+    program = ("-m", "dspark_jax.serve")
+    if args.replay:
+        program = (str(Path(__file__).with_name("replay_server.py")), f"--replay={args.replay}")
+        result["replay_rates"] = [float(r) for r in args.replay.split(",")]
     logs = Path(args.out).resolve().parent / "bench_serve_logs"  # one server log per model and mode
     logs.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
@@ -201,12 +213,13 @@ def main(argv=None) -> int:
                 continue
             overrides = serve_sets + model_sets + MODES[mode] + args.set
             arch = load_config(config, overrides).target.arch
-            if endpoint == "completions" and arch is None:
-                raise SystemExit(f"--models {model}: random token-id prompts need a random-weight config (target.arch)")
+            if (endpoint == "completions" or args.replay) and arch is None:
+                raise SystemExit(f"--models {model}: random token-id prompts and --replay need a random-weight "
+                                 "config (target.arch)")
             vocab = arch.vocab_size if arch is not None else None
             server = ServerProcess(config, logs / f"{Path(model).stem}-{mode}.log",
                                    *(f"--set={o}" for o in overrides),
-                                   "--served-model-name", "bench")
+                                   "--served-model-name", "bench", program=program)
             try:
                 launch = time.monotonic()
                 server.wait_healthy(timeout=max(60.0, args.time_budget - (time.monotonic() - started)))

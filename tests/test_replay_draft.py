@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -65,3 +66,51 @@ def test_a_replay_draft_refuses_rates_outside_the_open_interval(setup):
     _, table, draft, _, _ = setup
     with pytest.raises(ValueError, match="accept_rates"):
         ReplayDraft(draft, table, (1.0,))
+
+
+REPLAY_CONFIG = """
+from dspark_jax.config import Config, DraftConfig, LlamaArch, ServeConfig, SpecConfig, TargetConfig
+config = Config(
+    target=TargetConfig(arch=LlamaArch(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                                       num_kv_heads=2, head_dim=8, eos_token_ids=(), max_position_embeddings=256),
+                        dtype="float32", seed=3),
+    draft=DraftConfig(kind="dspark", block_size=4, num_layers=1, target_layer_ids=(0, 1), mask_token_id=96,
+                      markov_rank=8),
+    spec=SpecConfig(scheduler="fixed"),
+    serve=ServeConfig(max_new_tokens=32, max_batch=2, max_context=128, page_size=16, prefill_chunk=32,
+                      kernels="xla", warmup=False),
+)
+"""
+
+
+@pytest.mark.slow
+def test_the_replay_server_serves_plain_decodings_tokens_at_the_profiles_acceptance(tmp_path):
+    """serve/replay_server.py (bench_serve --replay): greedy completions over HTTP equal plain decoding
+    of the predictable target, and the server's mean accepted length is the profile's (τ = 3.36 at
+    rate 0.8, γ = 4; a random draft's would be ~1), over ≥ 16 rounds."""
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import dspark_jax as dj
+    from dspark_jax.server.process import ServerProcess
+
+    config = tmp_path / "replay_tiny.py"
+    config.write_text(REPLAY_CONFIG)
+    script = Path(__file__).resolve().parents[1] / "serve" / "replay_server.py"
+    server = ServerProcess(config, tmp_path / "server.log", env={"JAX_PLATFORMS": "cpu"},
+                           program=(str(script), "--replay=0.8")).wait_healthy()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+        prompts = [[5, 17, 60, 3, 42], [9, 9, 81, 30, 2, 77, 14]]
+        got = [client.completions.create(model="replay_tiny", prompt=p, max_tokens=32, temperature=0.0)
+               .choices[0].model_extra["token_ids"] for p in prompts]
+        metrics = {s.name: s.value for family in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+                   for s in family.samples}
+    finally:
+        server.stop()
+    target = dj.load_target(dj.load_config(config))
+    make_predictable(target)
+    assert got == generate(target, None, prompts, max_new_tokens=32, kernels="xla").tokens
+    rounds = metrics["dspark_accepted_length_count"]
+    assert rounds >= 16
+    assert abs(metrics["dspark_accepted_length_sum"] / rounds - expected_tau((0.8,), 4)) < 0.9

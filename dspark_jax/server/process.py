@@ -22,7 +22,9 @@ class ServerProcess:
     nobody reads would fill and stall the server under load.
     """
 
-    def __init__(self, config: str | Path, log: Path, *args: str, env: dict | None = None):
+    def __init__(self, config: str | Path, log: Path, *args: str, env: dict | None = None,
+                 program: tuple[str, ...] = ("-m", "dspark_jax.serve")):
+        """`program`: what Python runs (a script taking dspark_jax.serve's arguments may stand in)."""
         self.config = Path(config)
         self.log = log
         self.url = ""
@@ -30,7 +32,7 @@ class ServerProcess:
         source_root = str(Path(dspark_jax.__file__).resolve().parent.parent)
         python_path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "dspark_jax.serve", "--config", str(config),
+            self.proc = subprocess.Popen([sys.executable, *program, "--config", str(config),
                                           "--host", "127.0.0.1", "--port", "0", *args],
                                          env={**os.environ, "PYTHONPATH": python_path, **(env or {})},
                                          stdout=out, stderr=subprocess.STDOUT)
