@@ -374,3 +374,19 @@ def test_a_batch_mixes_greedy_and_sampled_requests(target, dspark):
     assert res.tokens[0] == greedy.tokens[0] and res.tokens[2] == greedy.tokens[2]
     with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
         generate(target, None, prompts, sampling=mixed[:2])
+
+
+def test_decoding_states_over_one_model_share_its_static_graphs(target, dspark):
+    """Each generate call builds a Core; jit finds the programs the first Core compiled by the
+    graphs' identity only if the second Core holds the same StaticGraph objects (equality of
+    large GraphDefs costs milliseconds per call). Another model of the same structure shares them
+    too; one of another structure does not."""
+    spec = SpecParams(block_size=GAMMA)
+    first = Core(target, dspark, spec, slots=2, max_context=64, page_size=16, num_pages=16)
+    second = Core(target, dspark, spec, slots=4, max_context=128, page_size=16, num_pages=40)
+    assert all(a is b for a, b in zip(first.graphdefs, second.graphdefs))
+    twin = create_target(ARCH, dtype="float32")
+    assert Core(twin, None, None, slots=1, max_context=64, page_size=16, num_pages=8).graphdefs[0] is first.graphdefs[0]
+    deeper = create_target(dataclasses.replace(ARCH, num_layers=2), dtype="float32")
+    other = Core(deeper, None, None, slots=1, max_context=64, page_size=16, num_pages=8).graphdefs[0]
+    assert other is not first.graphdefs[0] and other != first.graphdefs[0]
