@@ -93,7 +93,7 @@ class Trainer:
         compute = as_dtype(cfg.compute_dtype)
         self.draft_config = draft_config
         abstract = nnx.eval_shape(lambda: create_draft(draft_config, target, dtype=compute))
-        self.draft_graph = split_static(abstract)[0]
+        self.draft_graph = nnx.graphdef(abstract)  # merged with the trained nnx.Param state alone
         self.capture = tuple(draft_config.target_layer_ids)
         self.weights = loss_weights(cfg)
         self.optimizer = make_optimizer(cfg)
@@ -157,7 +157,7 @@ class Trainer:
         def loss_fn(master, batch):
             toks, plan, features, final_hidden = batch
             params = jax.tree.map(lambda x: x.astype(compute), master)
-            draft = self.draft_graph.merge(params)
+            draft = nnx.merge(self.draft_graph, params)
             sums = self._sums(draft, target, toks, features, final_hidden, plan)
             return losses.combine(self.kind, sums, counts, self.weights)[0], sums
 
