@@ -215,11 +215,12 @@ class TargetCache:
     def of(target, max_len: int) -> "TargetCache":
         return TargetCache(per_slot=isinstance(target, DeepseekV4ForCausalLM), max_len=max_len)
 
-    def init(self, target, *, slots: int, num_pages: int, page_size: int):
+    def init(self, target, *, slots: int, num_pages: int, page_size: int, mesh):
+        """The empty cache; `mesh`: the target's (`model_mesh(target)`), where paged K/V is placed."""
         if self.per_slot:
             return target.init_state(slots, self.max_len)  # its default rollback (32) covers any γ ≤ 32
         return init_kv_caches(target.kv_heads_and_dims(), num_pages=num_pages, page_size=page_size,
-                              dtype=target.dtype, mesh=model_mesh(target))
+                              dtype=target.dtype, mesh=mesh)
 
     def run(self, target, caches, tokens, layout, start, slots, capture):
         """The target over a flat token batch: (hidden, captured features [T, Σ], new caches).
@@ -662,10 +663,12 @@ class Core:
         self.graphdefs, self.params = (target_graph, draft_graph), (target_params, draft_params)
         self.capture = tuple(draft.capture_layers) if draft is not None else ()
         self.cache = TargetCache.of(target, max_context + self.gamma)
-        self.caches = self.cache.init(target, slots=slots, num_pages=num_pages + 1, page_size=page_size)
+        self.mesh = model_mesh(target)  # walks every variable: once per Core
+        self.caches = self.cache.init(target, slots=slots, num_pages=num_pages + 1, page_size=page_size,
+                                      mesh=self.mesh)
         self.dstate = (draft.init_state(rows=slots, num_pages=num_pages + 1, page_size=page_size, dtype=target.dtype)
                        if draft is not None else None)
-        self.state = SlotState.empty(slots, max_context, model_mesh(target))
+        self.state = SlotState.empty(slots, max_context, self.mesh)
         self.stash: PlainStash | None = None  # a speculative core's, made by its first plain step
         self._stashed = np.zeros(slots, np.int32)  # positions stashed per slot since its last flush
         self.compiles = CompileLog()
@@ -763,7 +766,7 @@ class Core:
                            geometry=self.geometry, cache=self.cache, backend=self.backend, filters=filters)
 
     def _empty_stash(self) -> PlainStash:
-        device = replicated(model_mesh(self.target))
+        device = replicated(self.mesh)
         features = None
         if self.capture:  # the captured width depends on the family (V4 captures every mHC stream)
             one = ragged_layout(self.scratch_row[None], np.zeros(1), np.ones(1), num_tokens=1, max_q_len=1,
