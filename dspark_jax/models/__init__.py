@@ -59,12 +59,11 @@ def split_static(module) -> tuple[StaticGraph, tuple]:
     graphdef, state = nnx.split(module)
     params, treedef = jax.tree.flatten(state)
     graph = StaticGraph(graphdef, treedef)
-    live = [ref for ref in _graphs_by_hash.get(hash(graph), ()) if ref() is not None]
-    for ref in live:
-        other = ref()
-        if other is not None and other == graph:
+    live = [g for g in (ref() for ref in _graphs_by_hash.get(hash(graph), ())) if g is not None]
+    for other in live:
+        if other == graph:
             return other, tuple(params)
-    _graphs_by_hash[hash(graph)] = [*live, weakref.ref(graph)]
+    _graphs_by_hash[hash(graph)] = [weakref.ref(g) for g in (*live, graph)]
     return graph, tuple(params)
 
 
